@@ -1,0 +1,2 @@
+class StepError(Exception):
+    """A failure an operator can act on: printed as one line, exit status 1."""

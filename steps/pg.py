@@ -1,0 +1,88 @@
+"""Connections to the source and target, with errors that never carry a secret."""
+
+import re
+from contextlib import contextmanager
+from typing import Iterator
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from steps.errors import StepError
+
+CONNECT_TIMEOUT = 10
+
+
+def _parse(uri: str, role: str) -> dict:
+    try:
+        return conninfo_to_dict(uri)
+    except psycopg.ProgrammingError as exc:
+        raise StepError(
+            f"the {role} connection string is not a valid libpq URI ({scrub(str(exc), uri)}): "
+            "expected postgres://user@host:port/dbname or postgres://?service=NAME"
+        ) from None
+
+
+def describe(uri: str, role: str = "database") -> str:
+    """A password-free label for log lines: service=db or user@host:port/dbname."""
+    params = _parse(uri, role)
+    if "service" in params:
+        return f"service={params['service']}"
+    user = params.get("user", "")
+    host = params.get("host", "localhost")
+    port = params.get("port", "5432")
+    return f"{user + '@' if user else ''}{host}:{port}/{params.get('dbname', user)}"
+
+
+def scrub(message: str, uri: str | None = None) -> str:
+    """Remove anything that could be a password from a driver message."""
+    if uri:
+        try:
+            password = conninfo_to_dict(uri).get("password")
+        except psycopg.ProgrammingError:
+            password = None
+        if password:
+            message = message.replace(password, "***")
+        message = message.replace(uri, "***")
+    message = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", message)
+    message = re.sub(r"(password\s*=\s*)\S+", r"\1***", message, flags=re.I)
+    return " ".join(message.split())
+
+
+@contextmanager
+def connect(uri: str, role: str, autocommit: bool = True, **kwargs) -> Iterator[psycopg.Connection]:
+    _parse(uri, role)
+    try:
+        conn = psycopg.connect(
+            uri, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT, application_name="db-upgrade", **kwargs
+        )
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StepError(f"cannot connect to the {role} database: {scrub(first, uri)}") from None
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def lsn(text: str | None) -> int:
+    """'16/B374D848' -> integer byte position."""
+    if not text:
+        return 0
+    hi, _, lo = text.strip().partition("/")
+    return (int(hi, 16) << 32) + int(lo or "0", 16)
+
+
+def fmt_lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def pretty_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def server_major(conn: psycopg.Connection) -> int:
+    return conn.info.server_version // 10000

@@ -1,0 +1,82 @@
+"""Typed step configuration, read from the environment as in the pods."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from steps.errors import StepError
+
+MiB = 1024 * 1024
+
+
+class StepSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DB_UPGRADE_", extra="ignore", populate_by_name=True)
+
+    # Connection strings are secrets: SecretStr keeps them out of reprs and logs.
+    source_pguri: SecretStr | None = Field(None, validation_alias=AliasChoices("PGCOPYDB_SOURCE_PGURI", "source_pguri"))
+    target_pguri: SecretStr | None = Field(None, validation_alias=AliasChoices("PGCOPYDB_TARGET_PGURI", "target_pguri"))
+    dir: Path | None = None
+    readonly_sql: Path | None = None
+    unfreeze_sql: Path | None = None
+    plugin: Literal["test_decoding", "wal2json"] = "test_decoding"
+    table_jobs: int = Field(4, ge=1)
+    index_jobs: int = Field(4, ge=1)
+    slot_name: str = "pgcopydb"
+    lag_threshold_bytes: int = Field(1 * MiB, ge=0)
+    catchup_timeout: float = Field(6 * 3600, gt=0)
+    freeze_timeout: float = Field(60, gt=0)
+    poll_interval: float = Field(2.0, gt=0)
+    mode: Literal["upgrade", "rehearsal"] = "upgrade"
+    keep_slot: bool = False
+    outputs: Path | None = None
+    scratch_database: str | None = None
+
+    def source(self) -> str:
+        return _required(self.source_pguri, "PGCOPYDB_SOURCE_PGURI", "the source database URI")
+
+    def target(self) -> str:
+        return _required(self.target_pguri, "PGCOPYDB_TARGET_PGURI", "the target database URI")
+
+    def workdir(self) -> Path:
+        if self.dir is None:
+            raise StepError("DB_UPGRADE_DIR is not set: point it at pgcopydb's work directory (the shared volume)")
+        return self.dir
+
+    def sql_file(self, which: Literal["readonly", "unfreeze"]) -> str:
+        path = self.readonly_sql if which == "readonly" else self.unfreeze_sql
+        var = f"DB_UPGRADE_{which.upper()}_SQL"
+        if path is None:
+            raise StepError(f"{var} is not set: point it at the {which} SQL file")
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise StepError(f"{var}={path} cannot be read: {exc.strerror}") from None
+        if not text.strip():
+            raise StepError(f"{var}={path} is empty: it must hold the {which} SQL")
+        return text
+
+    def write_output(self, name: str, value: object) -> None:
+        """Small files that Argo picks up as output parameters (shown in the UI)."""
+        if self.outputs is None:
+            return
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        (self.outputs / name).write_text(f"{value}\n")
+
+
+def _required(value: SecretStr | None, var: str, what: str) -> str:
+    if value is None or not value.get_secret_value().strip():
+        raise StepError(f"{var} is not set: it must hold {what} (a libpq URI, e.g. postgres://?service=db)")
+    return value.get_secret_value()
+
+
+def load_settings(**overrides: object) -> StepSettings:
+    try:
+        return StepSettings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        var = field.upper() if field.upper().startswith("PGCOPYDB") else f"DB_UPGRADE_{field.upper()}"
+        # Never echo the input value: it may be a connection string with a password.
+        raise StepError(f"{var}: {err['msg']}") from None

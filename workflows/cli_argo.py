@@ -1,0 +1,232 @@
+"""`db-upgrade submit | approve | abort | status`: the Argo Server side of the command line.
+
+A thin typer layer over workflows.argo_client: parse options, call, print. Errors are one line,
+`error: ...`, on stderr with exit code 1; `submit --wait` exits 0 only for a finished cutover run.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+ConfigOption = typer.Option(..., "--config", "-c", help="Environment file, e.g. environments/prod.yaml.")
+
+EXIT_FAILED = 1
+EXIT_ABORTED = 3
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def load_environment(path: Path) -> tuple[Any, Any]:
+    """(config, WorkflowTemplate) for an environment file; the template is what `submit` applies."""
+    from workflows.config import load_config
+    from workflows.upgrade import build
+
+    config = load_config(path)
+    return config, build(config)
+
+
+def _setup(config_path: Path, with_template: bool = False):
+    """(config, template dict or None, client); every failure here is a one-line error."""
+    from workflows import argo_client as ac
+    from workflows.config import ConfigError, load_config
+
+    if not config_path.is_file():
+        _fail(f"environment file {config_path} not found: pass --config environments/NAME.yaml")
+    template = None
+    try:
+        if with_template:
+            config, built = load_environment(config_path)
+            template = ac._as_dict(built)
+        else:
+            config = load_config(config_path)
+    except ConfigError as exc:  # already one line naming file and field
+        _fail(str(exc))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        _fail(f"cannot build the WorkflowTemplate from {config_path}: {first}")
+    settings = ac.ArgoSettings.from_env(default_namespace=ac.config_namespace(config))
+    return config, template, ac.ArgoClient(settings)
+
+
+def _run(body: Callable[[], Optional[int]]) -> None:
+    from workflows.argo_client import ArgoError
+
+    try:
+        code = body()
+    except ArgoError as exc:
+        _fail(str(exc))
+    if code:
+        raise typer.Exit(code)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%H:%M:%S")
+
+
+def submit(
+    config_path: Path = ConfigOption,
+    param: List[str] = typer.Option([], "--parameter", "-p", help="Template parameter, name=value (repeatable)."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the run to its end; the exit code reflects the outcome."),
+    poll: float = typer.Option(10.0, "--poll", help="Seconds between polls with --wait."),
+) -> None:
+    """Create or update the WorkflowTemplate, then submit a Workflow that runs it."""
+
+    def body() -> Optional[int]:
+        from workflows import argo_client as ac
+        from workflows.rehearsal import RUN_LABEL
+
+        _, template, client = _setup(config_path, with_template=True)
+        name = template["metadata"]["name"]
+        # Checked before anything is sent: a typo must not half-apply.
+        parameters = ac.parse_parameters(param, ac.template_parameters(template))
+        action = client.apply_template(template)
+        typer.echo(f"workflowtemplate {name} {action}")
+        # Same label as the scheduled rehearsals: `argo list -l db-upgrade/run=rehearsal` finds both.
+        mode = parameters.get("mode") or ac.template_parameters(template).get("mode", {}).get("value", "upgrade")
+        wf = client.submit(name, parameters, labels={RUN_LABEL: mode})
+        wf_name = wf["metadata"]["name"]
+        typer.echo(f"submitted {wf_name}")
+        typer.echo(f"link {client.settings.workflow_link(wf_name)}")
+        if not wait:
+            return None
+        try:
+            return follow(client, wf_name, config_path, poll)
+        except KeyboardInterrupt:
+            # Only the watching stops: the workflow runs on in the cluster.
+            typer.echo(f"stopped following {wf_name}, which keeps running:"
+                       f" db-upgrade status {wf_name} --config {config_path}", err=True)
+            return 130
+
+    _run(body)
+
+
+def follow(client, name: str, config_path: Path, poll: float, sleep: Callable[[float], None] = time.sleep) -> int:
+    """Print workflow and node phase changes until the run ends; return the exit code."""
+    from workflows import argo_client as ac
+
+    seen: dict[str, tuple] = {}
+    announced_approval = False
+    wf: dict = {}
+    for wf in client.watch(name, poll, sleep=sleep):
+        status = wf.get("status") or {}
+        state = (ac.workflow_phase(wf), status.get("message") or "")
+        # The workflow's own phase first, except its final phase: that reads best after the last steps.
+        if seen.get("") != state and state[0] not in ac.FINISHED:
+            seen[""] = state
+            typer.echo(f"[{_now()}] workflow {state[0]}" + (f": {state[1]}" if state[1] else ""))
+        for node in ac.step_nodes(wf):
+            key = node.get("id") or node.get("name")
+            phase = node.get("phase") or "Pending"
+            if seen.get(key) == (phase,):
+                continue
+            seen[key] = (phase,)
+            line = f"[{_now()}] {node.get('displayName')} {phase}"
+            if phase in ac.FINISHED or phase in ("Skipped", "Omitted"):
+                line += f" ({ac.node_timing(node)[2]})" if node.get("finishedAt") else ""
+                if node.get("message") and phase != "Succeeded":
+                    line += f": {node['message']}"
+            typer.echo(line)
+        waiting, _ = ac.approval_state(wf)
+        if waiting and not announced_approval:
+            announced_approval = True
+            lag = ac.lag(wf)
+            typer.echo(f"[{_now()}] waiting for approval" + (f" ({lag})" if lag else ""))
+            typer.echo(f"  cut over: db-upgrade approve {name} --config {config_path}")
+            typer.echo(f"  abort:    db-upgrade abort {name} --config {config_path}")
+
+    phase = ac.workflow_phase(wf)
+    status = wf.get("status") or {}
+    started, finished = ac.parse_time(status.get("startedAt")), ac.parse_time(status.get("finishedAt"))
+    took = f" in {ac.format_duration((finished - started).total_seconds())}" if started and finished else ""
+    if phase != "Succeeded":
+        message = status.get("message")
+        typer.echo(f"error: workflow {name} {phase}{took}" + (f": {message}" if message else ""), err=True)
+        return EXIT_FAILED
+    approve = ac.find_node(wf, ac.APPROVE_NODE)
+    if approve and approve.get("phase") == "Succeeded" and ac.decision(wf) == "abort":
+        typer.echo(f"error: workflow {name} finished{took} without cutover: the approval decision was abort", err=True)
+        return EXIT_ABORTED
+    typer.echo(f"workflow {name} Succeeded{took}")
+    return 0
+
+
+def _decide(name: str, config_path: Path, decision: str) -> None:
+    def body() -> None:
+        _, _, client = _setup(config_path)
+        client.decide(name, decision)
+        if decision == "cutover":
+            typer.echo(f"{name}: approved, cutover continues (freeze, finish, verify)")
+        else:
+            typer.echo(f"{name}: aborted at approval, the source stays the primary")
+        typer.echo(f"follow with: db-upgrade status {name} --config {config_path}")
+
+    _run(body)
+
+
+def approve(name: str = typer.Argument(..., help="Workflow name."), config_path: Path = ConfigOption) -> None:
+    """Approve the cutover of a workflow waiting at the approve step."""
+    _decide(name, config_path, "cutover")
+
+
+def abort(name: str = typer.Argument(..., help="Workflow name."), config_path: Path = ConfigOption) -> None:
+    """Abort a workflow waiting at the approve step (no cutover)."""
+    _decide(name, config_path, "abort")
+
+
+def status(name: str = typer.Argument(..., help="Workflow name."), config_path: Path = ConfigOption) -> None:
+    """Phase, current step(s), lag and timings of a workflow."""
+
+    def body() -> None:
+        from workflows import argo_client as ac
+
+        _, _, client = _setup(config_path)
+        wf = client.get_workflow(name)
+        st = wf.get("status") or {}
+        steps = ac.step_nodes(wf)
+        start, end, took = ac.node_timing(st)
+        typer.echo(f"workflow  {name}")
+        typer.echo(f"phase     {ac.workflow_phase(wf)}" + (f": {st['message']}" if st.get("message") else ""))
+        typer.echo(f"timing    started {start}, finished {end}, {took}")
+        running = [n["displayName"] for n in steps if n.get("phase") == "Running"]
+        waiting, _ = ac.approval_state(wf)
+        current = ", ".join(running) or "-"
+        if waiting:
+            current += " (waiting for approval)"
+        typer.echo(f"current   {current}")
+        follow_node = ac.find_node(wf, "follow")
+        if follow_node and follow_node.get("progress"):
+            typer.echo(f"progress  {follow_node['progress']} tables copied")
+        typer.echo(f"lag       {ac.lag(wf) or 'not measured yet'}")
+        for label, value in ac.run_report(wf):
+            typer.echo(f"report    {label}: {value}")
+        outputs = (st.get("outputs") or {}).get("parameters") or []
+        for p in outputs:  # the workflow's global outputs, e.g. the rehearsal report
+            typer.echo(f"output    {p.get('name')} = {p.get('value', '')}")
+        if steps:
+            width = max(len(n.get("displayName") or "") for n in steps)
+            typer.echo("steps")
+            for n in steps:
+                s, f, d = ac.node_timing(n)
+                typer.echo(f"  {n.get('displayName', ''):<{width}}  {n.get('phase', 'Pending'):<9}  {s}  {f}  {d}")
+        typer.echo(f"link      {client.settings.workflow_link(name)}")
+        if waiting:
+            typer.echo(f"approve:  db-upgrade approve {name} --config {config_path}")
+            typer.echo(f"abort:    db-upgrade abort {name} --config {config_path}")
+
+    _run(body)
+
+
+def register(app: typer.Typer) -> None:
+    # `lint --server` lives in cli_manifests' `lint` (one lint command), via argo_client.server_problems.
+    app.command("submit")(submit)
+    app.command("approve")(approve)
+    app.command("abort")(abort)
+    app.command("status")(status)
