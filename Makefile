@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 CACHE ?= /var/cache/db-upgrade
 HOST_PACKAGES := postgresql-15 postgresql-client-15 debootstrap bubblewrap python3-venv util-linux
 
-.PHONY: deps host-packages rootfs venv test rehearse render bench clean
+.PHONY: deps host-packages rootfs venv test rehearse render bench image clean
+VERSION := $(shell sed -n "s/^version = \"\(.*\)\"/\1/p" pyproject.toml)
+IMAGE ?= ghcr.io/example/db-upgrade
 
 deps: host-packages rootfs venv
 
@@ -44,3 +46,7 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) .work
+
+# The step image, tagged with the package version (the template pins the same tag).
+image:
+	docker build -f images/Dockerfile -t $(IMAGE):$(VERSION) .

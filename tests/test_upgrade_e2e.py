@@ -64,10 +64,11 @@ def test_upgrade_under_writes_loses_nothing(pair, dbs, tmp_path):
     workdir = tmp_path / "work"
     env = step_env(source, target, workdir, DB_UPGRADE_READONLY_SQL=readonly, DB_UPGRADE_UNFREEZE_SQL=unfreeze,
                    DB_UPGRADE_LAG_THRESHOLD_BYTES=256 * 1024, DB_UPGRADE_POLL_INTERVAL=0.5,
-                   DB_UPGRADE_CATCHUP_TIMEOUT=300, DB_UPGRADE_TABLE_JOBS=2, DB_UPGRADE_INDEX_JOBS=2)
+                   DB_UPGRADE_CATCHUP_TIMEOUT=300, DB_UPGRADE_TABLE_JOBS=2, DB_UPGRADE_INDEX_JOBS=2,
+                   DB_UPGRADE_SLOT_NAME="e2e_slot")
     s = load_settings(source_pguri=source, target_pguri=target, dir=workdir, readonly_sql=readonly,
                       unfreeze_sql=unfreeze, lag_threshold_bytes=256 * 1024, poll_interval=0.5,
-                      catchup_timeout=120)
+                      catchup_timeout=120, slot_name="e2e_slot")
 
     writer = workload.Writer(workload.app_uri(src_db), rate=100, threads=3).start()
     time.sleep(1)
