@@ -1,24 +1,58 @@
 """Getting pgcopydb 0.17's follow to stop within about a second of its endpos.
 
-pgcopydb's stream receiver reads the endpos only on a fixed 10 s feedback timer
-and then needs one more message from the source before it stops; on an idle
-(frozen) source that can take from 10 s to minutes. Measured remedies, used by
-the follow step once an endpos is set:
+pgcopydb's stream receiver ("follow prefetch") reads the endpos only on a fixed
+10 s feedback timer and then needs one more message from the source; its apply
+process publishes replay_lsn in the sentinel at most every ~2 s, and only when
+it applies a transaction or a keepalive. On a frozen source that adds up to
+10 s or more of write downtime. What this module does, in the follow step's
+process, beside pgcopydb:
 
-- an empty transaction (txid_current()) on the source every 200 ms keeps
-  messages flowing, which bounds the wait at about 10 s;
-- once the sentinel says replay_lsn >= endpos, everything up to the endpos is
-  applied on the target, and the receiver ("follow prefetch") has nothing left
-  to do: a SIGTERM to that one process lets follow finish normally, sequence
-  reset included, in about a second.
+1. Heartbeat. `prepare_source()` (called by follow before pgcopydb starts, so
+   that the table is in pgcopydb's snapshot, catalogs and copy) creates
+   `db_upgrade.heartbeat`, two rows. From catch-up on, two connections update
+   them in overlapping transactions every 100 ms with synchronous_commit on
+   (see Heartbeat: the first transaction to commit after any endpos began
+   before it, which pgcopydb needs to finish cleanly). They are real
+   transactions, decoded and applied on the target, so the target's
+   replication origin moves past the endpos within a few hundred ms. Once the
+   endpos is set (from the freeze on), the pad column gets a changing ~70 kB
+   value: pgcopydb's apply
+   runs in libpq pipeline mode and syncs the pipeline about every 2 s; a
+   statement larger than libpq's 64 kB output threshold makes libpq send the
+   buffered statements (the previous heartbeat's COMMIT included) at once.
+   verify ignores the db_upgrade schema; cleanup drops it. Without the table in
+   pgcopydb's catalog and on the target (a run started before this existed, or
+   a role that may not create a schema), an empty transaction
+   (txid_current()) every 100 ms is used instead: safe, about 10 s.
 
-Never before replay_lsn >= endpos, and never the whole process group: both were
-measured to lose or duplicate changes. Lowering wal_sender_timeout or
-terminating the walsender were measured unsafe too.
+2. Gate. "Everything up to the endpos is durably applied on the target" is
+   read from the target: `pg_replication_origin_progress(<origin>, true)`.
+   pgcopydb applies transactions one at a time in source commit order and
+   records each one's commit LSN (the end of its commit record) as the origin
+   position in the same target transaction. A transaction committed on the
+   source before the endpos (pg_current_wal_insert_lsn() after the freeze) has
+   a commit LSN <= endpos; so once the flushed origin position is >= endpos,
+   every such transaction is committed and flushed on the target. The
+   sentinel's replay_lsn >= endpos is accepted too (the slower, older gate).
+
+3. Stop. Then, and only then, SIGTERM goes to the one `follow prefetch`
+   process. The receiver flushes, syncs the sentinel (learning the endpos) and,
+   as it has received past the endpos, writes an ENDPOS message; transform and
+   apply stop on it, apply publishes replay_lsn >= endpos, and follow finishes
+   normally (sequence reset included).
+
+Never before the gate, never the whole process group: both were measured to
+lose or duplicate changes. Lowering wal_sender_timeout or terminating the
+walsender were measured unsafe too.
+
+The drain thread also starts verify's preparation (`steps.verify.prepare`) once
+wait-caught-up has recorded the catch-up, so that verify inside the frozen
+window only re-checks what changed since (see steps/verify.py).
 """
 
 import os
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -27,26 +61,92 @@ import psycopg
 
 from steps import sentinel, state
 from steps.log import log
-from steps.pg import connect, lsn
+from steps.pg import connect, fmt_lsn, lsn
 from steps.settings import StepSettings
 
 NUDGE_INTERVAL = 0.2
+SCHEMA = "db_upgrade"
+HEARTBEAT = "heartbeat"
+# Above libpq's OUTBUFFER_THRESHOLD (64 kB): makes pgcopydb's pipelined apply
+# send what it has buffered. Compressible (a repeated md5): little WAL.
+PAD_REPEAT = 2200  # x 32 characters = 70,400 bytes
+HEARTBEAT_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.{HEARTBEAT} (
+    id int PRIMARY KEY CHECK (id IN (1, 2)),
+    beat bigint NOT NULL DEFAULT 0,
+    at timestamptz NOT NULL DEFAULT now(),
+    pad text
+);
+INSERT INTO {SCHEMA}.{HEARTBEAT} (id) VALUES (1), (2) ON CONFLICT (id) DO NOTHING;
+"""
+BEAT = (f"UPDATE {SCHEMA}.{HEARTBEAT} SET beat = beat + 1, at = clock_timestamp(), "
+        f"pad = repeat(md5((beat + 1)::text), %s) WHERE id = %s")
+BEAT_INTERVAL = 0.1
+SETTLE_PAUSE = 0.15
+TRACK_INTERVAL = 2.0
 
 
-def prefetch_pids(pgid: int) -> list[int]:
+def prepare_source(s: StepSettings) -> bool:
+    """Create the heartbeat table on the source. For the follow step, before it
+    starts pgcopydb on a fresh run (on a resume the table is either already in
+    the copy or must not appear now). Idempotent; False when it cannot."""
+    try:
+        with connect(s.source(), "source") as conn:
+            with conn.transaction():
+                conn.execute(HEARTBEAT_DDL)
+        return True
+    except psycopg.Error as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log(f"follow: no heartbeat table on the source ({first}); the cutover will take about 10 s longer")
+        return False
+
+
+def heartbeat_ready(s: StepSettings) -> bool:
+    """Is updating the heartbeat safe: pgcopydb knows the table (its catalog was
+    built from the copy's snapshot) and the target has it with its row."""
+    db = s.workdir() / "schema" / "source.db"
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2)
+        try:
+            known = con.execute("SELECT 1 FROM s_table WHERE nspname = ? AND relname = ?",
+                                (SCHEMA, HEARTBEAT)).fetchone()
+        finally:
+            con.close()
+        if not known:
+            return False
+        with connect(s.target(), "target") as tgt:
+            row = tgt.execute(f"SELECT to_regclass('{SCHEMA}.{HEARTBEAT}') IS NOT NULL").fetchone()
+            if not row[0]:
+                return False
+            return tgt.execute(f"SELECT count(*) FROM {SCHEMA}.{HEARTBEAT} WHERE id IN (1, 2)").fetchone()[0] == 2
+    except (sqlite3.Error, psycopg.Error, Exception):
+        return False
+
+
+def prefetch_pids(sid: int) -> list[int]:
+    """pgcopydb's receiver: the `follow prefetch` process of the session (pgcopydb
+    was started with start_new_session; under bwrap it may have its own group)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if os.getpgid(int(entry.name)) != pgid:
+            pid = int(entry.name)
+            if os.getsid(pid) != sid and os.getpgid(pid) != sid:
                 continue
             title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, ProcessLookupError):
             continue
         if "follow prefetch" in title:
-            pids.append(int(entry.name))
+            pids.append(pid)
     return pids
+
+
+def origin_progress(conn: psycopg.Connection, origin: str) -> int:
+    """The target's durably applied source position (0 when unknown)."""
+    row = conn.execute("SELECT pg_replication_origin_progress(%s, true)::text", (origin,)).fetchone()
+    return lsn(row[0]) if row and row[0] else 0
 
 
 def endpos_requested(s: StepSettings, last_check: list[float]) -> int:
@@ -64,36 +164,206 @@ def endpos_requested(s: StepSettings, last_check: list[float]) -> int:
     return 0
 
 
+class Heartbeat:
+    """Overlapping heartbeat transactions on the source, from catch-up on.
+
+    Two connections take turns: each opens a transaction, updates its own row,
+    and only then does the other commit the transaction it opened one interval
+    earlier. So at any instant a heartbeat transaction whose first change is
+    already in the WAL is open, and whatever LSN finish takes as the endpos,
+    the first transaction to commit after it began before it. That matters:
+    pgcopydb's apply stops without applying a transaction whose BEGIN is at or
+    after the endpos and then publishes the previous commit's LSN, below the
+    endpos, as replay_lsn, and follow fails (measured: exit 12, "replay_lsn
+    below endpos"). A transaction that straddles the endpos is applied, and its
+    commit LSN (>= endpos) becomes replay_lsn and the origin position. The
+    transactions last about one interval, so freeze's wait for transactions
+    open since before the freeze is not held up."""
+
+    def __init__(self, s: StepSettings):
+        self.s = s
+        self.pad = 0
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._settle = threading.Event()
+        self._settled = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
+
+    def start(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def settle(self) -> None:
+        """The endpos is set: pad from now on, commit the open (straddling)
+        transactions at once, then pause briefly. If pgcopydb's apply already
+        knows the endpos it stops at the first commit past it and exits; a
+        transaction decoded right behind it would reach its transform with
+        nobody reading (broken pipe, exit 12). The pause gives the drain's gate
+        time to stop the receiver first; otherwise the next, padded heartbeat
+        is what pushes the straddling COMMIT through the apply's pipeline."""
+        self.pad = PAD_REPEAT
+        self._settle.set()
+
+    def _run(self) -> None:
+        conns = []
+        try:
+            for _ in (1, 2):
+                c = psycopg.connect(self.s.source(), autocommit=False, connect_timeout=10,
+                                    application_name="db-upgrade")
+                c.execute("SET synchronous_commit = on")  # the walsender only sends flushed WAL
+                c.commit()
+                conns.append(c)
+            turn, open_ = 0, []
+            while not self._stop.is_set():
+                if self._settle.is_set() and not self._settled:
+                    # The endpos is known: commit the transactions open across it
+                    # now, and leave the receiver a moment before the next one
+                    # (see settle()).
+                    self._settled = True
+                    while open_:
+                        open_.pop(0).commit()
+                    self._stop.wait(SETTLE_PAUSE)
+                    continue
+                conn = conns[turn]
+                conn.execute(BEAT, (self.pad, turn + 1))  # opens the transaction, writes its first change
+                open_.append(conn)
+                if len(open_) > 1:
+                    open_.pop(0).commit()
+                turn = 1 - turn
+                self._stop.wait(BEAT_INTERVAL)
+            for conn in open_:
+                conn.commit()
+        except Exception as exc:  # the nudge only speeds things up
+            self.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        finally:
+            for c in conns:
+                try:
+                    c.close()
+                except Exception:
+                    pass
+
+
+def _start_prepare(s: StepSettings, stop: threading.Event) -> threading.Thread | None:
+    from steps import verify
+
+    if verify.prepared(s) is not None:
+        return None
+
+    def run():
+        try:
+            if verify.prepare(s, stop) is None:
+                return
+        except Exception as exc:  # an optimisation: verify falls back to a full comparison
+            log(f"follow: verify preparation failed ({type(exc).__name__}: {exc}); verify will compare everything")
+            return
+        # Until the freeze: fold the changes into the record every few seconds,
+        # so that verify decodes only the last ones inside the window.
+        while not stop.wait(TRACK_INTERVAL):
+            try:
+                verify.track(s)
+            except Exception as exc:
+                log(f"follow: verify change tracking paused ({type(exc).__name__}); verify decodes the rest itself")
+                return
+
+    t = threading.Thread(target=run, daemon=True, name="verify-prepare")
+    t.start()
+    return t
+
+
 def drain(s: StepSettings, pgid: int, finished: threading.Event) -> None:
     """Runs beside pgcopydb in the follow step until pgcopydb exits."""
     last_check = [0.0]
-    while not finished.wait(0.2):
-        endpos = endpos_requested(s, last_check)
-        if endpos:
-            break
-    else:
-        return
-    log("follow: endpos is set; nudging the source so that pgcopydb sees it promptly")
+    stop_prepare = threading.Event()
+    beat: Heartbeat | None = None
+    caught_up = False
+    next_check = 0.0
+    try:
+        while not finished.wait(0.05):
+            endpos = endpos_requested(s, last_check)
+            if endpos:
+                break
+            if beat is not None and not beat.pad and state.read(s.workdir()).get("frozen_at"):
+                beat.pad = PAD_REPEAT  # the freeze is on: the endpos follows within a second
+            if caught_up or time.monotonic() < next_check:
+                continue
+            next_check = time.monotonic() + 2
+            if not state.read(s.workdir()).get("caught_up_at"):
+                continue
+            caught_up = True
+            if heartbeat_ready(s):
+                beat = Heartbeat(s).start()
+            if s.mode != "rehearsal":
+                try:
+                    _start_prepare(s, stop_prepare)
+                except Exception:
+                    pass
+        else:
+            return
+        stop_prepare.set()  # the window has started: no more preparation
+        # No heartbeat yet (endpos set before catch-up, e.g. an abort): starting
+        # one now could put a heartbeat BEGIN right after the endpos (see
+        # Heartbeat); empty transactions are safe, if slower.
+        _drain_to(s, pgid, endpos, finished, beat)
+    finally:
+        stop_prepare.set()
+        if beat is not None:
+            beat.stop()
+
+
+def _drain_to(s: StepSettings, sid: int, endpos: int, finished: threading.Event, beat: "Heartbeat | None") -> None:
+    if beat is not None:
+        beat.settle()
+    log(f"follow: endpos {fmt_lsn(endpos)} is set; "
+        + ("db_upgrade.heartbeat is being updated" if beat else "nudging the source with empty transactions")
+        + " so that pgcopydb reaches it promptly")
     signalled = False
+    tgt = None
     try:
         with connect(s.source(), "source") as conn:
-            next_check = 0.0
-            while not finished.wait(NUDGE_INTERVAL):
-                conn.execute("SELECT txid_current()")  # an empty transaction: decoded, skipped, keeps messages flowing
-                if signalled or time.monotonic() < next_check:
-                    continue
-                next_check = time.monotonic() + 0.3
-                try:
-                    replayed = sentinel.replay_lsn(s)
-                except Exception:
-                    continue
-                if replayed >= endpos:
-                    for pid in prefetch_pids(pgid):
-                        try:
-                            os.kill(pid, signal.SIGTERM)
-                        except ProcessLookupError:
-                            pass
-                    signalled = True
-                    log("follow: the target has applied everything up to the endpos; stopping pgcopydb's receiver")
-    except (psycopg.Error, Exception) as exc:  # the nudge only speeds things up; follow is still correct without it
+            try:
+                tgt = psycopg.connect(s.target(), autocommit=True, connect_timeout=10, application_name="db-upgrade")
+            except psycopg.Error:
+                tgt = None
+            next_sentinel = 0.0
+            while True:
+                if beat is None or beat.error:
+                    conn.execute("SELECT txid_current()")  # decoded, skipped, keeps messages flowing
+                if not signalled:
+                    reached, how = _gate(s, tgt, endpos, next_sentinel)
+                    if how == "pgcopydb sentinel":
+                        next_sentinel = time.monotonic() + 1.0
+                    if reached:
+                        for pid in prefetch_pids(sid):
+                            try:
+                                os.kill(pid, signal.SIGTERM)
+                            except ProcessLookupError:
+                                pass
+                        signalled = True
+                        log(f"follow: the target has durably applied everything up to the endpos ({how}); "
+                            "stopping pgcopydb's receiver")
+                if finished.wait(0.05 if not signalled else NUDGE_INTERVAL):
+                    break
+    except Exception as exc:  # the nudge only speeds things up; follow is still correct without it
         log(f"follow: could not nudge the source ({type(exc).__name__}); waiting for pgcopydb on its own")
+    finally:
+        if tgt is not None:
+            tgt.close()
+
+
+def _gate(s: StepSettings, tgt, endpos: int, next_sentinel: float) -> tuple[bool, str]:
+    if tgt is not None:
+        try:
+            if origin_progress(tgt, s.slot_name) >= endpos:
+                return True, "target replication origin"
+        except psycopg.Error:
+            pass
+    if time.monotonic() >= next_sentinel:
+        try:
+            return sentinel.replay_lsn(s) >= endpos, "pgcopydb sentinel"
+        except Exception:
+            return False, "pgcopydb sentinel"
+    return False, ""

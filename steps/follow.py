@@ -1,15 +1,18 @@
 """follow: `pgcopydb clone --follow` in the work dir, until the endpos is reached.
 
-- An interrupted run in the dir is resumed (`--resume --not-consistent`), never
-  started over.
+- An interrupted run in the dir is repaired and resumed (`--resume
+  --not-consistent`) when its initial copy had finished; one interrupted during
+  the initial copy is started over, loudly (steps/repair.py says why).
 - SIGTERM/SIGINT are forwarded to pgcopydb's whole process group: its top-level
   wait loop may not act on a signal sent to one pid only.
 - pgcopydb 0.16/0.17 can exit 0 on SIGTERM before the endpos, so success is
   decided here: the sentinel's replay_lsn must have reached its endpos.
 """
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +38,65 @@ def _progress(s) -> tuple[int, int] | None:
     return done, total
 
 
+class EndposLoop:
+    """Spots pgcopydb 0.17 looping after its apply reached the endpos.
+
+    The apply stops on a message at or past the endpos ("Replay reached end
+    position E at R": every change before E is applied) but leaves the
+    sentinel's replay_lsn at R, the last commit before E. The follow supervisor
+    then sees replay_lsn < endpos and restarts prefetch/transform/catchup, which
+    stop at once, forever (measured on an abort: finish without freeze, under
+    writes). Two such restarts after the apply's statement = stuck."""
+
+    REACHED = re.compile(r"Replay reached end position (\S+) at (\S+)")
+    CURRENT = re.compile(r"Current sentinel replay_lsn is (\S+), endpos is (\S+)")
+
+    def __init__(self) -> None:
+        self.endpos_text = self.at_text = ""
+        self.restarts = 0
+        self.stuck = False
+
+    def feed(self, line: str) -> bool:
+        """True once, when the loop is recognised."""
+        from steps.pg import lsn
+
+        m = self.REACHED.search(line)
+        if m:
+            self.endpos_text, self.at_text = m.group(1), m.group(2)
+            return False
+        m = self.CURRENT.search(line)
+        if m and self.endpos_text and not self.stuck:
+            replay, endpos = lsn(m.group(1)), lsn(m.group(2))
+            if endpos == lsn(self.endpos_text) and replay < endpos:
+                self.restarts += 1
+                if self.restarts >= 2:
+                    self.stuck = True
+                    return True
+            else:
+                self.restarts = 0
+        return False
+
+
+def signal_session(sid: int, signum: int) -> None:
+    """Signal every process group in pgcopydb's session. pgcopydb was started
+    with start_new_session, so its session id is its pid; its process group may
+    differ (under bwrap, pgcopydb runs in a group of its own inside the session)."""
+    groups = {sid}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry)) == sid:
+                groups.add(os.getpgid(int(entry)))
+        except (ProcessLookupError, PermissionError):
+            continue
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def command_line(s: StepSettings, resume: bool) -> list[str]:
     args = [
         "clone", "--follow",
@@ -54,14 +116,60 @@ def command_line(s: StepSettings, resume: bool) -> list[str]:
 
 def follow(s: StepSettings) -> None:
     workdir = s.workdir()
+    try:
+        _follow(s, workdir)
+    except OSError as exc:  # the work volume: full, read-only, gone
+        error = StepError(f"follow: cannot write to the work dir {workdir}: {exc.strerror}"
+                          + (" (enlarge the volume, then run the follow step again: it resumes)"
+                             if exc.errno == errno.ENOSPC else ""))
+        _record_failure(workdir, str(error))
+        raise error from None
+    except StepError as exc:
+        # Recorded for wait-caught-up, which polls beside follow and stops on it.
+        _record_failure(workdir, str(exc))
+        raise
+
+
+def _record_failure(workdir, error: str) -> None:
+    try:
+        if not state.read(workdir).get("follow_failed_at"):
+            state.update(workdir, follow_failed_at=state.now(), follow_error=error)
+    except (OSError, ValueError):
+        pass  # e.g. no space left for the state file: the error line still says it all
+
+
+def _follow(s: StepSettings, workdir) -> None:
+    if "'" in str(workdir):
+        # pgcopydb 0.17 splices the path into SQLite SQL (catalog.c: "attach '%s' as %s").
+        raise StepError(f"DB_UPGRADE_DIR={workdir} contains a single quote, which pgcopydb 0.17 cannot handle "
+                        "(it breaks its SQLite catalog statements): use a path without quotes")
+    # Both required and reachable: fail with one clear line before changing anything.
+    from steps.pg import connect
+
+    for role, uri in (("source", s.source()), ("target", s.target())):
+        with connect(uri, role):
+            pass
     # Our own record, not pgcopydb's files: other steps' pgcopydb calls (progress,
     # sentinel reads) create its catalogs in the dir before any copy has started.
-    resume = bool(state.read(workdir).get("follow_started_at")) and sentinel.exists(workdir)
-    if resume:
+    # An earlier run is repaired and resumed, or (copy unfinished) reset and
+    # started over: see steps/repair.py.
+    resume = False
+    record = state.read(workdir)
+    if record.get("follow_done_at") and not record.get("follow_failed_at"):
+        sen = sentinel.read(s, strict=False)
+        if sen is not None and sen.endpos_reached:
+            log(f"follow: already done in {workdir} (replay_lsn reached endpos); nothing to do")
+            return
+    if record.get("follow_started_at"):
         from steps import repair
 
-        repair.prepare_resume(s)
-    s.source(), s.target()  # both required: fail with a clear line before starting anything
+        resume = repair.prepare_resume(s)
+    if not resume:
+        from steps import drain
+
+        prepare = getattr(drain, "prepare_source", None)  # the heartbeat table, before the snapshot
+        if prepare is not None:
+            prepare(s)
     env = pgcopydb.environment(s)
     argv = command_line(s, resume)
     log(f"follow: {'resuming the interrupted run' if resume else 'starting the copy'} in {workdir} "
@@ -78,11 +186,8 @@ def follow(s: StepSettings) -> None:
 
     def forward(signum, _frame):
         stopping.set()
-        log(f"follow: got {signal.Signals(signum).name}, stopping pgcopydb (its process group)")
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        log(f"follow: got {signal.Signals(signum).name}, stopping pgcopydb (every process group of its session)")
+        signal_session(proc.pid, signal.SIGTERM)
 
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     done = threading.Event()
@@ -90,9 +195,22 @@ def follow(s: StepSettings) -> None:
 
     for target in (_watch, lambda s, d: drain(s, proc.pid, d)):
         threading.Thread(target=target, args=(s, done), daemon=True).start()
+    last_error = None
+    disk_full = False
+    loop = EndposLoop()
     try:
         for line in proc.stdout:  # pgcopydb's own log, for the pod log
             sys.stderr.write(line)
+            if (" ERROR " in line or " FATAL " in line) and last_error is None:
+                last_error = pgcopydb.last_error(line)  # the first one: the cause, not the cascade
+            if "No space left on device" in line:
+                disk_full = True
+            if loop.feed(line):
+                log(f"follow: pgcopydb's apply has applied everything before the endpos {loop.endpos_text} "
+                    f"(it logged 'Replay reached end position {loop.endpos_text} at {loop.at_text}') but "
+                    "its sentinel keeps replay_lsn below the endpos, so pgcopydb restarts its follow loop "
+                    "forever (pgcopydb 0.17 bug); stopping it")
+                signal_session(proc.pid, signal.SIGTERM)
             if "All step are now done" in line or "has enabled applying changes" in line:
                 if not state.read(workdir).get("copy_done_at"):
                     state.update(workdir, copy_done_at=state.now())
@@ -101,17 +219,46 @@ def follow(s: StepSettings) -> None:
         done.set()
         for sig, handler in old.items():
             signal.signal(sig, handler)
+    if loop.stuck:
+        from steps import repair
+
+        repair.mark_endpos_replayed(workdir, loop.endpos_text)
+        log(f"follow: recorded replay_lsn = endpos {loop.endpos_text} in pgcopydb's sentinel")
     sen = sentinel.read(s)
     if sen is not None and sen.endpos_reached:
+        if rc != 0:
+            # pgcopydb resets the target's sequences only on its success path; a
+            # sub-process failing on the way out (e.g. "Broken pipe" in transform
+            # once the receiver stopped) skips it: measured, sequences left behind.
+            log(f"follow: replay_lsn reached endpos but pgcopydb exited {rc}; resetting the target's sequences")
+            reset_sequences(s)
         state.update(workdir, follow_done_at=state.now())
         log(f"follow: done, replay_lsn reached endpos (pgcopydb exit {rc}); target sequences were reset")
         return
     why = "stopped by a signal" if stopping.is_set() else f"pgcopydb exited {rc}"
+    if disk_full:
+        why += (f" because the work volume {workdir} is full (No space left on device): enlarge it, then run "
+                "the follow step again (it resumes)")
+    elif last_error and not stopping.is_set():
+        why += f" (its first error: {last_error})"
     where = "no sentinel yet" if sen is None else (
         "no endpos set" if not sen.endpos else "replay_lsn below endpos")
-    state.update(workdir, follow_failed_at=state.now(), follow_error=f"{why}, {where}")
+    _record_failure(workdir, f"{why}, {where}")
     raise StepError(f"follow: {why} before the end position was reached ({where}); "
                     "run the follow step again on the same work dir to resume")
+
+
+def reset_sequences(s: StepSettings) -> None:
+    """What clone --follow does after its endpos: `copy sequences --resume --not-consistent`."""
+    workdir = s.workdir()
+    reset = pgcopydb.run(s, "copy", "sequences", "--dir", str(workdir), "--resume", "--not-consistent",
+                         check=False, timeout=600)
+    if reset.returncode != 0:
+        error = pgcopydb.last_error(reset.stderr)
+        state.update(workdir, follow_failed_at=state.now(), follow_error=f"sequence reset failed: {error}")
+        raise StepError(f"follow: every change up to the endpos is applied, but resetting the target's "
+                        f"sequences failed: {error}; run the follow step again to retry")
+    log("follow: target sequences reset to the source's values")
 
 
 def _watch(s: StepSettings, done: threading.Event) -> None:
@@ -120,6 +267,8 @@ def _watch(s: StepSettings, done: threading.Event) -> None:
     workdir = s.workdir()
     last = None
     while not done.wait(PROGRESS_INTERVAL):
+        if not sentinel.started(workdir):  # never race clone's catalog setup (see sentinel.started)
+            continue
         try:
             p = _progress(s)
         except Exception:  # progress is cosmetic; never let it break the copy

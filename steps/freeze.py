@@ -77,5 +77,5 @@ def freeze(s: StepSettings) -> float:
 def unfreeze(s: StepSettings, reason: str = "unfreeze step") -> None:
     _run_sql_file(s, "unfreeze")
     if s.dir is not None:
-        state.update(s.dir, unfrozen_at=state.now())
+        state.try_update(s.dir, unfrozen_at=state.now())
     log(f"unfreeze: unfreeze SQL committed ({reason}); application writes are allowed on the source again")

@@ -107,7 +107,7 @@ def environment(s) -> dict[str, str]:
     if s.source_pguri is not None:
         env["PGCOPYDB_SOURCE_PGURI"] = s.source_pguri.get_secret_value()
     if s.target_pguri is not None:
-        env["PGCOPYDB_TARGET_PGURI"] = s.target_pguri.get_secret_value()
+        env["PGCOPYDB_TARGET_PGURI"] = s.target()  # the scratch database in rehearsal mode
     return env
 
 

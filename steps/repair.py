@@ -1,8 +1,445 @@
-"""Making an interrupted pgcopydb run resumable (see prepare_resume)."""
+"""Making an interrupted pgcopydb run resumable, or starting its copy over.
 
+Measured with pgcopydb 0.17: after the whole process tree is SIGKILLed,
+`clone --follow --resume --not-consistent` on the same dir fails on what the
+kill left behind:
+
+- a torn last line in the CDC JSON file being written ("Failed to parse JSON
+  message");
+- work items (tables, indexes, constraints) still marked in the SQLite catalog
+  as owned by a pid of the dead run: pgcopydb checks them with kill(pid, 0), and
+  in a new pod (new pid namespace) or after pid reuse that pid is alive again
+  ("already being processed by pid N");
+- a `vacuum_summary` row for a VACUUM that never finished (a plain INSERT on
+  resume hits its unique(tableoid) constraint);
+- pgcopydb.pid naming a pid that may be alive again.
+
+Which choice is safe depends on whether the initial copy had finished, which
+pgcopydb records itself: the sentinel's `apply` flag is set only once every
+table, index, constraint and the post-data section are done.
+
+- Copy finished (apply on): changes are applied through a replication origin
+  that advances in the same transaction as each applied change, so a resume can
+  be exact, once the dir is repaired (each measured to lose, duplicate or fail
+  without it; see each function): pidfiles removed, a torn last JSON line cut,
+  a `.partial` JSON promoted over its older `.json` (or dropped if it is a cut
+  short copy of it), an unfinished last transaction cut, the SQL files from the
+  replay position on removed (rewritten from the JSON), the dead run's catalog
+  entries removed. docs/failure-modes.md has the operator's view.
+- Copy not finished: resuming would copy the unfinished tables with a *new*
+  snapshot (`--not-consistent`) while the slot replays every change since the
+  *first* snapshot on top of them. pgcopydb applies INSERTs without ON CONFLICT,
+  so a table with a primary key stops the apply with a duplicate key, and a
+  table without one (REPLICA IDENTITY FULL) silently gets duplicate rows. The
+  only safe choice is a clean restart: the slot, the origin and the pgcopydb
+  schemas are dropped, the objects the copy created on the target are dropped
+  (after checking the target holds nothing that is not on the source), the work
+  dir is emptied (our state file kept), and the copy starts over, loudly logged.
+"""
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from steps import state
+from steps.errors import StepError
 from steps.log import log
+from steps.pg import connect
 from steps.settings import StepSettings
 
+SLOT_RELEASE_WAIT = 90.0  # wal_sender_timeout (60 s by default) ends a walsender whose client vanished
+USER_SCHEMAS = ("n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgcopydb') "
+                "AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'")
 
-def prepare_resume(s: StepSettings) -> None:
-    log(f"follow: {s.workdir()} holds an earlier run; resuming it")
+
+def catalog_path(workdir: Path) -> Path:
+    return workdir / "schema" / "source.db"
+
+
+def copy_finished(workdir: Path) -> bool:
+    """pgcopydb's own record: the sentinel's apply flag is set after the whole copy."""
+    db = catalog_path(workdir)
+    if not db.exists():
+        return False
+    try:
+        conn = sqlite3.connect(db, timeout=10)
+        try:
+            row = conn.execute("SELECT apply FROM sentinel WHERE id = 1").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        log(f"follow: cannot read pgcopydb's catalog {db} ({exc}); treating the copy as unfinished")
+        return False
+    return bool(row) and str(row[0]).lower() in ("1", "true", "t", "on")
+
+
+def wait_slot_released(s: StepSettings) -> bool:
+    """Wait until no process streams from our slot. Returns whether the slot exists."""
+    deadline = time.monotonic() + SLOT_RELEASE_WAIT
+    logged = False
+    while True:
+        with connect(s.source(), "source") as conn:
+            row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                               (s.slot_name,)).fetchone()
+        if row is None or row[0] is None:
+            return row is not None
+        if time.monotonic() >= deadline:
+            raise StepError(f"follow: replication slot {s.slot_name!r} is still in use by pid {row[0]} on the "
+                            f"source after {SLOT_RELEASE_WAIT:.0f}s: another pgcopydb is still running on this "
+                            "slot; stop it (or the other follow step) before resuming")
+        if not logged:
+            log(f"follow: replication slot {s.slot_name!r} is still in use by pid {row[0]} (the interrupted "
+                "run's walsender); waiting for the source to release it")
+            logged = True
+        time.sleep(1)
+
+
+def repair_cdc_files(workdir: Path) -> list[str]:
+    """Cut a torn last line (a message half written when the process died)."""
+    fixed = []
+    cdc = workdir / "cdc"
+    if not cdc.is_dir():
+        return fixed
+    for f in sorted(cdc.iterdir()):
+        if f.is_symlink() or not f.is_file() or not (f.name.endswith(".json") or f.name.endswith(".json.partial")):
+            continue
+        size = f.stat().st_size
+        if size == 0:
+            continue
+        with open(f, "rb+") as fh:
+            fh.seek(-1, 2)
+            if fh.read(1) == b"\n":
+                continue
+            # Find the last newline, reading backwards in blocks.
+            pos, keep = size, 0
+            while pos > 0:
+                step = min(65536, pos)
+                pos -= step
+                fh.seek(pos)
+                block = fh.read(step)
+                i = block.rfind(b"\n")
+                if i >= 0:
+                    keep = pos + i + 1
+                    break
+            fh.truncate(keep)
+            fh.flush()
+        fixed.append(f"{f.name}: cut a torn last message ({size - keep} bytes)")
+    return fixed
+
+
+def promote_partial_files(workdir: Path) -> list[str]:
+    """A killed receiver leaves X.json.partial beside an older X.json. On resume
+    pgcopydb 0.17 reads its start position from the .partial (through `latest`)
+    but then, finding X.json, unlinks the .partial and copies X.json over it
+    (ld_stream.c): the messages only the .partial held are lost, while the slot
+    resumes after them. Measured: 50 transactions missing on the target. The
+    .partial starts as a copy of X.json and is only appended to, so it is
+    promoted to X.json, as pgcopydb's own clean close does (rename)."""
+    done = []
+    cdc = workdir / "cdc"
+    if not cdc.is_dir():
+        return done
+    for partial in sorted(cdc.glob("*.json.partial")):
+        final = partial.with_name(partial.name.removesuffix(".partial"))
+        if not final.exists():
+            continue
+        old, new = final.read_bytes(), partial.read_bytes()
+        if old.startswith(new):
+            # An unfinished copy of X.json (pgcopydb duplicates X.json into the
+            # .partial when it reopens a segment; measured cut short by a full disk).
+            partial.unlink()
+            done.append(f"{partial.name}: removed, an incomplete copy of {final.name}")
+            continue
+        if not new.startswith(old):
+            raise StepError(
+                f"follow: cannot repair {cdc}: {partial.name} does not extend {final.name} (pgcopydb 0.17 would "
+                "drop one of them on resume, losing changes); keep the volume and restart the copy: run cleanup, "
+                "empty the target database and the work dir, then run follow again")
+        os.replace(partial, final)
+        done.append(f"{partial.name}: promoted to {final.name} ({len(new) - len(old)} bytes of changes only it "
+                    "held; pgcopydb would have overwritten them)")
+    latest = cdc / "latest"
+    if latest.is_symlink() and not latest.exists():
+        target = Path(os.readlink(latest))
+        fixed = target.with_name(target.name.removesuffix(".partial"))
+        if fixed.exists():
+            latest.unlink()
+            latest.symlink_to(fixed)
+            done.append(f"latest: now points at {fixed.name}")
+    return done
+
+
+def cut_open_transaction(workdir: Path) -> list[str]:
+    """The file being written when the receiver died may end inside a transaction
+    (BEGIN and some rows, no COMMIT). On resume the source sends that transaction
+    again from its BEGIN, and pgcopydb 0.17's transform stops on "Failed to parse
+    BEGIN: transaction already in progress" (measured). Logical decoding sends
+    whole transactions in commit order, so cutting the file back to its last
+    COMMIT loses nothing: the open transaction is streamed again, whole."""
+    latest = workdir / "cdc" / "latest"
+    if not latest.exists():
+        return []
+    f = latest.resolve()
+    data = f.read_bytes()
+    last_begin = max(data.rfind(b'{"action":"B"'), data.rfind(b'{"action": "B"'))
+    last_commit = max(data.rfind(b'{"action":"C"'), data.rfind(b'{"action": "C"'))
+    if last_begin < 0 or last_begin < last_commit:
+        return []
+    if last_begin > 0 and data[last_begin - 1:last_begin] != b"\n":
+        return []  # not at a line start: leave it to pgcopydb rather than guess
+    with open(f, "rb+") as fh:
+        fh.truncate(last_begin)
+    return [f"{f.name}: cut an unfinished transaction ({len(data) - last_begin} bytes from its BEGIN); "
+            "the source sends it again, whole"]
+
+
+def drop_stale_sql_files(workdir: Path) -> list[str]:
+    """SQL files written while streaming live carry BEGIN lines without the
+    transaction's COMMIT LSN; pgcopydb 0.17's apply re-applies such a
+    transaction instead of skipping it (ld_apply.c: continuedTxn), and on resume
+    it may read the old file before transform has rewritten it from the JSON:
+    measured, "duplicate key value violates unique constraint" after a SIGTERM
+    and resume. The SQL files of the segment holding the replay position and of
+    every later one are removed; transform writes them again from the JSON (the
+    apply waits for them: "does not exist yet")."""
+    db = catalog_path(workdir)
+    cdc = workdir / "cdc"
+    if not db.exists() or not cdc.is_dir():
+        return []
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        row = conn.execute("SELECT replay_lsn FROM sentinel WHERE id = 1").fetchone()
+    finally:
+        conn.close()
+    from steps.pg import lsn
+
+    replay = lsn(row[0]) if row and row[0] else 0
+    try:
+        segsz = int((cdc / "wal_segment_size").read_text().strip())
+        tli = int((cdc / "tli").read_text().strip() or "1")
+    except (OSError, ValueError):
+        return []
+    per_xlogid = 0x100000000 // segsz
+    segno = replay // segsz
+    first = f"{tli:08X}{segno // per_xlogid:08X}{segno % per_xlogid:08X}"
+    removed = []
+    for f in sorted(cdc.iterdir()):
+        name = f.name
+        if not (name.endswith(".sql") or name.endswith(".sql.partial")) or len(name.split(".")[0]) != 24:
+            continue
+        if name.split(".")[0] >= first:
+            f.unlink()
+            removed.append(name)
+    return [f"removed {len(removed)} SQL file(s) from the replay position on ({', '.join(removed)}); "
+            "transform writes them again from the JSON"] if removed else []
+
+
+def repair_catalog(workdir: Path) -> list[str]:
+    """Forget work items and processes of the dead run; keep everything marked done."""
+    db = catalog_path(workdir)
+    if not db.exists():
+        return []
+    done = []
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        with conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            for table, where, what in (
+                ("process", "1 = 1", "process entries of the dead run"),
+                ("summary", "done_time_epoch IS NULL", "unfinished table/index/constraint entries"),
+                ("vacuum_summary", "done_time_epoch IS NULL", "unfinished VACUUM entries"),
+            ):
+                if table not in tables:
+                    continue
+                n = conn.execute(f"DELETE FROM {table} WHERE {where}").rowcount
+                if n:
+                    done.append(f"catalog: removed {n} {what}")
+    finally:
+        conn.close()
+    return done
+
+
+def remove_pidfiles(workdir: Path) -> list[str]:
+    removed = []
+    for f in workdir.glob("pgcopydb*.pid"):
+        f.unlink(missing_ok=True)
+        removed.append(f"removed stale {f.name}")
+    return removed
+
+
+def _target_objects(tgt: psycopg.Connection) -> list[tuple[str, str, str]]:
+    return tgt.execute(
+        f"""SELECT n.nspname, c.relname, c.relkind::text FROM pg_class c
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND {USER_SCHEMAS}
+              AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                              AND d.objid = c.oid AND d.deptype IN ('e', 'i', 'a'))
+            ORDER BY 1, 2""", ()).fetchall()
+
+
+def drop_copied_objects(s: StepSettings) -> list[str]:
+    """Drop what the interrupted copy created on the target, and nothing else."""
+    with connect(s.source(), "source") as src:
+        src_schemas = {r[0] for r in src.execute(
+            f"SELECT n.nspname FROM pg_namespace n WHERE {USER_SCHEMAS}", ())}
+        src_rels = {(r[0], r[1]) for r in src.execute(
+            f"""SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND {USER_SCHEMAS}""", ())}
+        src_routines = {(r[0], r[1]) for r in src.execute(
+            f"SELECT n.nspname, p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            f"WHERE {USER_SCHEMAS}", ())}
+        src_types = {(r[0], r[1]) for r in src.execute(
+            f"SELECT n.nspname, t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
+            f"WHERE {USER_SCHEMAS}", ())}
+    dropped = []
+    with connect(s.target(), "target") as tgt:
+        rels = _target_objects(tgt)
+        unknown = [f"{sc}.{name}" for sc, name, _k in rels if (sc, name) not in src_rels]
+        if unknown:
+            raise StepError(
+                f"follow: the interrupted copy must start over, but the target holds relation(s) that are not on "
+                f"the source: {', '.join(unknown[:10])}; refusing to drop anything there. Point the target at an "
+                "empty database, or remove those relations, then run follow again")
+        tgt_schemas = [r[0] for r in tgt.execute(
+            f"SELECT n.nspname FROM pg_namespace n WHERE {USER_SCHEMAS} ORDER BY 1", ())]
+        with tgt.transaction():
+            for schema in tgt_schemas:
+                if schema == "public" or schema not in src_schemas:
+                    continue
+                tgt.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+                dropped.append(f"schema {schema}")
+            # public exists in every database: empty it of what came from the source instead.
+            kinds = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW", "S": "SEQUENCE",
+                     "f": "FOREIGN TABLE"}
+            for schema, name, kind in _target_objects(tgt):
+                if schema != "public":
+                    continue
+                tgt.execute(sql.SQL("DROP {} IF EXISTS {} CASCADE").format(
+                    sql.SQL(kinds[kind]), sql.Identifier(schema, name)))
+                dropped.append(f"{kinds[kind].lower()} {schema}.{name}")
+            not_ext = ("NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = x.oid AND d.deptype = 'e')")
+            for oid, name in tgt.execute(
+                    f"SELECT x.oid::regprocedure::text, x.proname FROM pg_proc x JOIN pg_namespace n "
+                    f"ON n.oid = x.pronamespace WHERE n.nspname = 'public' AND {not_ext}", ()).fetchall():
+                if ("public", name) in src_routines:
+                    tgt.execute(sql.SQL("DROP ROUTINE IF EXISTS {} CASCADE").format(sql.SQL(oid)))
+                    dropped.append(f"routine {oid}")
+            for name, in tgt.execute(
+                    f"SELECT x.typname FROM pg_type x JOIN pg_namespace n ON n.oid = x.typnamespace "
+                    f"WHERE n.nspname = 'public' AND x.typrelid = 0 AND x.typcategory <> 'A' AND {not_ext}",
+                    ()).fetchall():
+                if ("public", name) in src_types:
+                    tgt.execute(sql.SQL("DROP TYPE IF EXISTS {} CASCADE").format(sql.Identifier("public", name)))
+                    dropped.append(f"type public.{name}")
+    return dropped
+
+
+def drop_replication(s: StepSettings) -> list[str]:
+    done = []
+    with connect(s.source(), "source") as src:
+        if src.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (s.slot_name,)).fetchone():
+            src.execute("SELECT pg_drop_replication_slot(%s)", (s.slot_name,))
+            done.append(f"dropped replication slot {s.slot_name!r} on the source")
+        src.execute("DROP SCHEMA IF EXISTS pgcopydb CASCADE")
+    with connect(s.target(), "target") as tgt:
+        if tgt.execute("SELECT 1 FROM pg_replication_origin WHERE roname = %s", (s.slot_name,)).fetchone():
+            tgt.execute("SELECT pg_replication_origin_drop(%s)", (s.slot_name,))
+            done.append(f"dropped replication origin {s.slot_name!r} on the target")
+        tgt.execute("DROP SCHEMA IF EXISTS pgcopydb CASCADE")
+    return done
+
+
+def empty_workdir(workdir: Path) -> int:
+    """Everything but our state file. Other steps polling beside follow
+    (wait-caught-up) may still be finishing a pgcopydb call that recreates a
+    file or two: retried until the dir stays empty."""
+    import shutil
+
+    keep = (state.NAME, state.path(workdir).with_suffix(".tmp").name)
+    n = 0
+    for attempt in range(20):
+        try:
+            for entry in workdir.iterdir():
+                if entry.name in keep:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink(missing_ok=True)
+                n += 1
+            return n
+        except OSError:
+            if attempt == 19:
+                raise
+            time.sleep(0.5)
+    return n
+
+
+def restart_copy(s: StepSettings, reason: str) -> None:
+    workdir = s.workdir()
+    banner = "follow: RESTARTING THE COPY FROM SCRATCH"
+    log(f"{banner}: {reason}")
+    log(f"{banner}: resuming is unsafe here: tables copied again with a new snapshot would receive the "
+        "changes since the first snapshot a second time (duplicate keys, duplicate rows)")
+    wait_slot_released(s)
+    dropped = drop_copied_objects(s)  # first: it refuses (changing nothing) if the target holds foreign objects
+    log(f"{banner}: dropped {len(dropped)} object(s) the interrupted copy created on the target"
+        + (f": {', '.join(dropped[:10])}{' ...' if len(dropped) > 10 else ''}" if dropped else ""))
+    for line in drop_replication(s):
+        log(f"{banner}: {line}")
+    # Readers beside follow (sentinel.started) stop running pgcopydb on the dir first.
+    state.update(workdir, follow_started_at=None)
+    time.sleep(1)
+    n = empty_workdir(workdir)
+    log(f"{banner}: emptied {workdir} ({n} entries; {state.NAME} kept)")
+    record = state.read(workdir)
+    if record.get("endpos"):
+        log(f"{banner}: the endpos {record['endpos']} set by finish belonged to the abandoned copy and is "
+            "dropped: run the finish step again once the new copy has caught up")
+    restarts = list(record.get("copy_restarts") or [])
+    restarts.append({"at": state.now(), "reason": reason})
+    state.update(workdir, copy_restarts=restarts, copy_done_at=None, endpos=None, endpos_set_at=None,
+                 follow_done_at=None)
+
+
+def prepare_resume(s: StepSettings) -> bool:
+    """Called by follow when an earlier run used this dir. True: resume it; False:
+    the dir, slot and target were reset and a fresh copy must start."""
+    workdir = s.workdir()
+    if not catalog_path(workdir).exists():
+        restart_copy(s, f"the earlier run in {workdir} stopped before pgcopydb wrote its catalogs")
+        return False
+    if not copy_finished(workdir):
+        restart_copy(s, f"the earlier run in {workdir} was interrupted during the initial copy "
+                        "(pgcopydb's sentinel never enabled applying changes)")
+        return False
+    log(f"follow: {workdir} holds an earlier run whose initial copy had finished; repairing it for a resume")
+    slot_exists = wait_slot_released(s)
+    if not slot_exists:
+        # e.g. cleanup-after-failure ran (keep-slot-on-failure=false): the changes
+        # since the copy are gone with the slot; only a new copy is exact.
+        restart_copy(s, f"the initial copy in {workdir} had finished, but replication slot {s.slot_name!r} "
+                        "is gone from the source (cleanup ran?), and with it the changes since the copy")
+        return False
+    fixes = (remove_pidfiles(workdir) + repair_cdc_files(workdir) + promote_partial_files(workdir)
+             + cut_open_transaction(workdir) + drop_stale_sql_files(workdir) + repair_catalog(workdir))
+    for line in fixes:
+        log(f"follow: repair: {line}")
+    if not fixes:
+        log("follow: repair: nothing to repair (the earlier run stopped cleanly)")
+    return True
+
+
+def mark_endpos_replayed(workdir: Path, endpos: str) -> None:
+    """After pgcopydb stopped: record in its sentinel that the endpos is replayed
+    (its apply said so but left replay_lsn at the last commit before it)."""
+    conn = sqlite3.connect(catalog_path(workdir), timeout=30)
+    try:
+        with conn:
+            conn.execute("UPDATE sentinel SET replay_lsn = ? WHERE id = 1 AND endpos = ?", (endpos, endpos))
+    finally:
+        conn.close()

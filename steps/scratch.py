@@ -6,7 +6,6 @@ steps are pointed at it.
 """
 
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from steps.errors import StepError
 from steps.log import log
@@ -17,16 +16,16 @@ from steps.settings import StepSettings
 def _name(s: StepSettings) -> str:
     if not s.scratch_database:
         raise StepError("DB_UPGRADE_SCRATCH_DATABASE is not set: name the rehearsal's scratch database")
+    if len(s.scratch_database.encode()) > 63:
+        # PostgreSQL would silently truncate it and create (or drop) another name.
+        raise StepError(f"DB_UPGRADE_SCRATCH_DATABASE is {len(s.scratch_database.encode())} bytes long: "
+                        "PostgreSQL database names have at most 63 bytes")
     return s.scratch_database
-
-
-def scratch_uri(target_uri: str, database: str) -> str:
-    return make_conninfo(**{**conninfo_to_dict(target_uri), "dbname": database})
 
 
 def create_scratch_target(s: StepSettings) -> None:
     name = _name(s)
-    with connect(s.target(), "target") as conn:
+    with connect(s.target_server(), "target") as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     log(f"create-scratch-target: created empty database {name!r} on the target server")
@@ -34,6 +33,21 @@ def create_scratch_target(s: StepSettings) -> None:
 
 def drop_scratch_target(s: StepSettings) -> None:
     name = _name(s)
-    with connect(s.target(), "target") as conn:
+    with connect(s.target_server(), "target") as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
     log(f"drop-scratch-target: dropped database {name!r} on the target server")
+
+
+def scratch_uri(target_uri: str, database: str) -> str:
+    """The same connection with another database; a URI stays a URI (pgcopydb
+    and the operator's logs expect the form they were given)."""
+    from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    if target_uri.startswith(("postgres://", "postgresql://")):
+        parts = urlsplit(target_uri)
+        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "dbname"]
+        q = f"?{urlencode(query)}" if query else ""
+        return f"{parts.scheme}://{parts.netloc}/{quote(database, safe='')}{q}"
+    return make_conninfo(**{**conninfo_to_dict(target_uri), "dbname": database})

@@ -28,10 +28,29 @@ def exists(workdir: Path) -> bool:
 
 
 def started(workdir: Path) -> bool:
-    """Has the follow step started pgcopydb in this dir (its catalogs may not exist yet)?"""
+    """Has the follow step started pgcopydb in this dir, far enough that its
+    sentinel row exists and its snapshot is registered? Until then any pgcopydb call on the dir (sentinel get,
+    list progress) races with clone's catalog setup: it registers the catalogs
+    for an empty snapshot and clone fails ("Catalogs ... have been setup for
+    snapshot \"\"", measured). Checked read-only with SQLite, never via pgcopydb."""
+    import sqlite3
+
     from steps import state
 
-    return bool(state.read(workdir).get("follow_started_at")) and exists(workdir)
+    if not (state.read(workdir).get("follow_started_at") and exists(workdir)):
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{workdir / 'schema' / 'source.db'}?mode=ro", uri=True, timeout=2)
+        try:
+            # The sentinel row is written before clone registers its snapshot in
+            # `setup`: both must be there before anyone else runs pgcopydb here.
+            registered = conn.execute("SELECT coalesce(snapshot, '') <> '' FROM setup WHERE id = 1").fetchone()
+            return bool(registered and registered[0]) and \
+                conn.execute("SELECT count(*) FROM sentinel").fetchone()[0] > 0
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
 
 
 def _get(s, flag: str) -> str:
@@ -49,14 +68,15 @@ def read(s, strict: bool = True) -> Sentinel | None:
         return None
     try:
         apply = _get(s, "--apply")
+        endpos, replay = _get(s, "--endpos"), _get(s, "--replay-lsn")
     except StepError as exc:
         if not strict or "returned 0 row" in str(exc):  # catalogs created, sentinel row not yet
             return None
         raise
     return Sentinel(
         apply=apply.lower() in ("enabled", "true", "on", "1"),
-        endpos=lsn(_get(s, "--endpos")),
-        replay_lsn=lsn(_get(s, "--replay-lsn")),
+        endpos=lsn(endpos),
+        replay_lsn=lsn(replay),
     )
 
 

@@ -37,6 +37,17 @@ class StepSettings(BaseSettings):
         return _required(self.source_pguri, "PGCOPYDB_SOURCE_PGURI", "the source database URI")
 
     def target(self) -> str:
+        """The database the upgrade writes to: in rehearsal mode, the scratch
+        database on the target server (created fresh by create-scratch-target)."""
+        uri = self.target_server()
+        if self.mode == "rehearsal" and self.scratch_database:
+            from steps.scratch import scratch_uri
+
+            return scratch_uri(uri, self.scratch_database)
+        return uri
+
+    def target_server(self) -> str:
+        """The configured target URI as given (for rehearsals: the maintenance database)."""
         return _required(self.target_pguri, "PGCOPYDB_TARGET_PGURI", "the target database URI")
 
     def workdir(self) -> Path:

@@ -33,5 +33,14 @@ def update(workdir: Path, **values: object) -> dict:
     return data
 
 
+def try_update(workdir: Path, **values: object) -> None:
+    """For steps whose pod may run without the work volume (verify, unfreeze):
+    the record is a convenience there, never a reason to fail."""
+    try:
+        update(workdir, **values)
+    except OSError:
+        pass
+
+
 def now() -> float:
     return round(time.time(), 3)

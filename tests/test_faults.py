@@ -1,0 +1,566 @@
+"""Faults during an upgrade, on real PostgreSQL 15 -> 17 and pgcopydb 0.17, under
+concurrent application writes. Each test ends with an exact verification
+(steps.verify plus an independent digest) and no replication slot left.
+
+Numbers (rows, times) are printed with -s; docs/failure-modes.md has what the
+operator sees for each fault.
+"""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from local import workload
+from steps import catchup, cleanup, finish, freeze, verify
+from steps.errors import StepError
+from steps.settings import load_settings
+from tests.conftest import DB_UPGRADE, step_env
+from tests.test_upgrade_e2e import table_digests
+
+pytestmark = pytest.mark.slow
+
+# Big enough that the initial copy takes a couple of seconds (a window to kill
+# it in), small enough to load in a few seconds.
+FAULT_SIZE = 60_000
+
+
+def slot_count(uri: str, slot: str) -> int:
+    with psycopg.connect(uri) as conn:
+        return conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()[0]
+
+
+def app_can_write(src_db: str) -> bool:
+    try:
+        with psycopg.connect(workload.app_uri(src_db), autocommit=True) as app:
+            app.execute(sql.SQL("INSERT INTO {} (actor, detail) VALUES ('probe', 'can write')").format(
+                sql.Identifier(workload.SCHEMA, workload.AUDIT)))
+        return True
+    except psycopg.Error:
+        return False
+
+
+def reset_app_role(uri: str) -> None:
+    """The sample's freeze SQL sets a role default, which is per server, not per
+    database: a test that froze must not leave other tests' writers read-only."""
+    with psycopg.connect(uri, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} RESET default_transaction_read_only").format(
+            sql.Identifier(workload.APP_ROLE)))
+
+
+class Run:
+    """One upgrade's settings, work dir and follow step process."""
+
+    def __init__(self, pair, dbs, tmp_path: Path, slot: str, size: str | int = "small", **extra):
+        self.src_db, self.tgt_db = dbs
+        workload.ensure_app_role(pair.target.uri())
+        if isinstance(size, int):
+            workload.SIZES[f"n{size}"] = size
+            size = f"n{size}"
+        workload.ensure_app_role(self.src_db)
+        reset_app_role(self.src_db)
+        t = time.monotonic()
+        workload.load_sample(self.src_db, size)
+        self.load_seconds = time.monotonic() - t
+        self.readonly, self.unfreeze = workload.freeze_sql_files(tmp_path / "sql")
+        self.workdir = tmp_path / "work"
+        self.tmp = tmp_path
+        self.slot = slot
+        settings = dict(DB_UPGRADE_SLOT_NAME=slot, DB_UPGRADE_READONLY_SQL=self.readonly,
+                        DB_UPGRADE_UNFREEZE_SQL=self.unfreeze, DB_UPGRADE_LAG_THRESHOLD_BYTES=256 * 1024,
+                        DB_UPGRADE_POLL_INTERVAL=0.3, DB_UPGRADE_CATCHUP_TIMEOUT=240,
+                        DB_UPGRADE_TABLE_JOBS=2, DB_UPGRADE_INDEX_JOBS=2, DB_UPGRADE_FREEZE_TIMEOUT=20)
+        settings.update(extra)
+        self.env = step_env(self.src_db, self.tgt_db, self.workdir, **settings)
+        self.s = load_settings(**{k.removeprefix("DB_UPGRADE_").lower(): v for k, v in self.env.items()
+                                  if k.startswith("DB_UPGRADE_")},
+                               source_pguri=self.src_db, target_pguri=self.tgt_db)
+        self.follow: subprocess.Popen | None = None
+        self.logs: list[str] = []
+        self.writer: workload.Writer | None = None
+        self.follow_retries = 0
+
+    # -- the follow step -------------------------------------------------
+    def start_follow(self) -> subprocess.Popen:
+        n = len(self.logs) + 1
+        self._log = open(self.tmp / f"follow{n}.log", "w")
+        self.follow = subprocess.Popen([DB_UPGRADE, "step", "follow"], env=self.env, stdout=self._log,
+                                       stderr=subprocess.STDOUT, text=True)
+        self.logs.append(str(self.tmp / f"follow{n}.log"))
+        return self.follow
+
+    def follow_log(self) -> str:
+        return Path(self.logs[-1]).read_text()
+
+    def pgcopydb_sid(self, timeout: float = 30) -> int:
+        """The follow step starts pgcopydb in a session of its own: its session id
+        is the pid of the step's child (bwrap locally, pgcopydb in the pod)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.follow.pid:
+                    return int(entry.name)
+            time.sleep(0.05)
+        raise AssertionError("pgcopydb never started under the follow step")
+
+    def session_pids(self, sid: int) -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    zombie = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+                    if not zombie and os.getsid(int(entry)) == sid:
+                        pids.append(int(entry))
+                except (OSError, ProcessLookupError, PermissionError):
+                    pass
+        return pids
+
+    def kill_all(self) -> None:
+        """SIGKILL the step and every process of pgcopydb's session, as losing the pod would."""
+        sid = self.pgcopydb_sid()
+        self.follow.kill()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pids = self.session_pids(sid)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+        self.follow.wait(timeout=30)
+        assert not self.session_pids(sid), "pgcopydb processes survived the kill"
+
+    def wait_follow(self, timeout: float = 180) -> int:
+        rc = self.follow.wait(timeout=timeout)
+        self._log.close()
+        return rc
+
+    # -- pgcopydb's catalog, read as a bystander ---------------------------
+    def catalog(self, query: str):
+        db = self.workdir / "schema" / "source.db"
+        if not db.exists():
+            return None
+        try:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+            try:
+                return conn.execute(query).fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return None
+
+    def wait_copy_midway(self, timeout: float = 120) -> tuple[int, int]:
+        """Until at least one table is copied and the copy is not finished."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = self.catalog("SELECT count(*) FROM summary WHERE tableoid IS NOT NULL "
+                                "AND done_time_epoch IS NOT NULL")
+            busy = self.catalog("SELECT count(*) FROM summary WHERE tableoid IS NOT NULL "
+                                "AND done_time_epoch IS NULL")
+            apply = self.catalog("SELECT apply FROM sentinel")
+            if (done and done[0] >= 1 and busy and busy[0] >= 1 and apply is not None
+                    and str(apply[0]) in ("0", "False")):
+                return done[0], busy[0] if busy else 0
+            time.sleep(0.02)
+        raise AssertionError(f"the copy never got midway; log:\n{self.follow_log()[-3000:]}")
+
+    # -- the end of an upgrade ------------------------------------------
+    def cut_over(self) -> verify.VerifyReport:
+        """wait-caught-up, freeze, finish, follow exits 0, verify."""
+        catchup.wait_caught_up(self.s)
+        time.sleep(1)
+        freeze.freeze(self.s)
+        finish.finish(self.s)
+        rc = self.wait_follow()
+        if rc != 0:
+            # What Argo's retry of the follow step does; counted, and reported by -s.
+            self.follow_retries += 1
+            print(f"\nfollow failed after the endpos was set, retrying it: "
+                  f"{[ln for ln in self.follow_log().splitlines() if ln.startswith('error:')]}")
+            self.start_follow()
+            rc = self.wait_follow()
+        assert rc == 0, self.follow_log()[-4000:]
+        if self.writer:
+            self.writer.stop()
+        src, tgt = table_digests(self.src_db), table_digests(self.tgt_db)
+        diff = {k: (src.get(k), tgt.get(k)) for k in set(src) | set(tgt) if src.get(k) != tgt.get(k)}
+        assert not diff, f"independent digest: source != target: {diff}"
+        report = verify.verify(self.s)
+        assert report.ok
+        return report
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.stop()
+        reset_app_role(self.src_db)
+        if self.follow is not None and self.follow.poll() is None:
+            try:
+                self.kill_all()
+            except AssertionError:
+                pass
+        try:
+            cleanup.cleanup(self.s)
+        except StepError as exc:
+            print(f"cleanup after the test: {exc}")
+        for uri in (self.src_db,):
+            with psycopg.connect(uri, autocommit=True) as conn:
+                conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                             "WHERE slot_name = %s AND active_pid IS NULL", (self.slot,))
+
+
+def test_sigkill_during_initial_copy_restarts_the_copy(pair, dbs, tmp_path):
+    """Fault 1: the whole tree SIGKILLed mid-copy; the re-run starts the copy over
+    (a resume would replay changes onto tables copied with a newer snapshot)."""
+    r = Run(pair, dbs, tmp_path, "fault_kill_copy", size=FAULT_SIZE)
+    try:
+        r.writer = workload.Writer(workload.app_uri(r.src_db), rate=100, threads=2).start()
+        t0 = time.monotonic()
+        r.start_follow()
+        done, busy = r.wait_copy_midway()
+        t_kill = time.monotonic() - t0
+        r.kill_all()
+        assert slot_count(r.src_db, r.slot) == 1  # the kill leaves the slot behind
+        with psycopg.connect(r.tgt_db) as conn:
+            copied = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = %s",
+                                  (workload.SCHEMA,)).fetchone()[0]
+        assert copied > 0
+        t1 = time.monotonic()
+        r.start_follow()
+        report = r.cut_over()
+        log = r.follow_log()
+        assert "RESTARTING THE COPY FROM SCRATCH" in log, log[-3000:]
+        assert "dropped replication slot" in log
+        restarts = __import__("steps.state", fromlist=["read"]).read(r.workdir)["copy_restarts"]
+        assert len(restarts) == 1
+        rows = sum(t.source_rows for t in report.tables)
+        print(f"\nfault 1: load {r.load_seconds:.1f}s, killed after {t_kill:.1f}s ({done} tables done, "
+              f"{busy} in progress); restart to verified {time.monotonic() - t1:.1f}s; {rows} rows exact; "
+              f"{r.writer.stats.ok} writes")
+    finally:
+        r.close()
+    assert slot_count(r.src_db, r.slot) == 0
+
+
+def tear_latest_json(workdir: Path) -> str:
+    """Leave half a message at the end of the CDC file being written, as a kill
+    in the middle of a write does (measured: 'Failed to parse JSON message')."""
+    cdc = workdir / "cdc"
+    latest = cdc / "latest"
+    f = latest.resolve() if latest.exists() else max(cdc.glob("*.json*"), key=lambda p: p.stat().st_mtime)
+    data = f.read_bytes()
+    last = data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    with open(f, "ab") as fh:
+        fh.write(last[: len(last) // 2])
+    return f.name
+
+
+def wait_log(r: Run, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in r.follow_log():
+        if r.follow.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not in the follow log:\n{r.follow_log()[-3000:]}")
+        time.sleep(0.1)
+
+
+def test_sigterm_then_sigkill_during_follow_resume_streaming(pair, dbs, tmp_path):
+    """Faults 3 and 2 after the copy: SIGTERM (as Kubernetes stops a pod) makes the
+    step fail and a re-run resume; SIGKILL of the whole tree with a torn CDC
+    message, then a re-run repairs and resumes. Nothing lost, nothing applied twice."""
+    r = Run(pair, dbs, tmp_path, "fault_follow")
+    try:
+        r.writer = workload.Writer(workload.app_uri(r.src_db), rate=150, threads=3).start()
+        r.start_follow()
+        catchup.wait_caught_up(r.s)
+        time.sleep(1.5)
+        # Fault 3: SIGTERM to the step only, as the kubelet sends it to the container's pid 1.
+        sid = r.pgcopydb_sid()
+        t = time.monotonic()
+        r.follow.send_signal(signal.SIGTERM)
+        rc = r.wait_follow(timeout=60)
+        t_term = time.monotonic() - t
+        log1 = r.follow_log()
+        assert rc != 0, log1[-3000:]
+        errors = [ln for ln in log1.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "stopped by a signal" in errors[0], errors
+        assert not r.session_pids(sid), "pgcopydb outlived the follow step"
+        time.sleep(1.5)  # the application keeps writing while follow is down
+        r.start_follow()
+        wait_log(r, "follow: resuming the interrupted run")
+        catchup.wait_caught_up(r.s)
+        time.sleep(1.5)
+        # Fault 2: SIGKILL of everything, with the message being written torn in half.
+        r.kill_all()
+        torn = tear_latest_json(r.workdir)
+        time.sleep(1.5)
+        r.start_follow()
+        wait_log(r, "follow: resuming the interrupted run")
+        log3 = r.follow_log()
+        assert "cut a torn last message" in log3 and torn in log3, log3[-3000:]
+        assert "RESTARTING" not in log3
+        report = r.cut_over()
+        rows = sum(t.source_rows for t in report.tables)
+        print(f"\nfaults 2+3: SIGTERM -> step exit {rc} in {t_term:.1f}s; SIGKILL + torn {torn} repaired; "
+              f"{rows} rows exact, {r.writer.stats.ok} writes during the run")
+    finally:
+        r.close()
+    assert slot_count(r.src_db, r.slot) == 0
+
+
+def test_finish_before_catch_up_and_twice(pair, dbs, tmp_path):
+    """Fault 5: finish while the initial copy still runs is allowed: follow applies
+    up to that endpos and stops; a second finish keeps the first endpos."""
+    r = Run(pair, dbs, tmp_path, "fault_early_finish")
+    try:
+        r.writer = workload.Writer(workload.app_uri(r.src_db), rate=100, threads=2).start()
+        r.start_follow()
+        deadline = time.monotonic() + 60
+        from steps.sentinel import started
+
+        while not started(r.workdir):  # pgcopydb's sentinel and snapshot are registered: the copy starts
+            assert time.monotonic() < deadline and r.follow.poll() is None, r.follow_log()[-3000:]
+            time.sleep(0.02)
+        r.writer.stop()  # the application stopped (no freeze SQL needed for this test)
+        endpos = finish.finish(r.s)
+        assert endpos > 0
+        assert r.catalog("SELECT apply FROM sentinel")[0] in (0, "0")  # still copying when finish ran
+        assert finish.finish(r.s) == endpos
+        assert r.wait_follow() == 0, r.follow_log()[-3000:]
+        assert finish.finish(r.s) == endpos
+        # The sequence reset follow runs itself when pgcopydb fails on its way out after the endpos.
+        with psycopg.connect(r.tgt_db, autocommit=True) as conn:
+            conn.execute(sql.SQL("SELECT setval({}, 1)").format(sql.Literal(f"{workload.SCHEMA}.orders_id_seq")))
+        with pytest.raises(StepError, match="sequences behind"):
+            verify.verify(r.s)
+        from steps.follow import reset_sequences
+
+        reset_sequences(r.s)
+        report = verify.verify(r.s)
+        assert report.ok
+        assert table_digests(r.src_db) == table_digests(r.tgt_db)
+        print(f"\nfault 5: finish during the copy; {sum(t.source_rows for t in report.tables)} rows exact")
+    finally:
+        r.close()
+    assert slot_count(r.src_db, r.slot) == 0
+
+
+def test_abort_after_approval_wait(pair, dbs, tmp_path):
+    """Fault 6: the approval is refused (or times out): finish without freeze, then
+    cleanup. The source stays writable, no slot, the target is left as it was."""
+    r = Run(pair, dbs, tmp_path, "fault_abort")
+    try:
+        r.writer = workload.Writer(workload.app_uri(r.src_db), rate=100, threads=2).start()
+        r.start_follow()
+        catchup.wait_caught_up(r.s)
+        finish.finish(r.s)
+        assert r.wait_follow() == 0, r.follow_log()[-3000:]
+        proc = subprocess.run([DB_UPGRADE, "step", "cleanup"], env=r.env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        refused_before = r.writer.stats.refused
+        time.sleep(1)
+        stats = r.writer.stop()
+        assert stats.refused == refused_before == 0, stats.errors
+        assert app_can_write(r.src_db)
+        assert slot_count(r.src_db, r.slot) == 0
+        with psycopg.connect(r.tgt_db) as conn:
+            n = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                sql.Identifier(workload.SCHEMA, "customers"))).fetchone()[0]
+            origins = conn.execute("SELECT count(*) FROM pg_replication_origin WHERE roname = %s",
+                                   (r.slot,)).fetchone()[0]
+        assert n >= workload.SIZES["small"] and origins == 0
+        print(f"\nfault 6: aborted; source writable ({stats.ok} writes, none refused), target kept ({n} customers)")
+    finally:
+        r.close()
+
+
+def test_failure_after_freeze_unfreezes(pair, dbs, tmp_path):
+    """Fault 7: verify fails after the freeze; the failure path's unfreeze gives
+    the application role its writes back."""
+    r = Run(pair, dbs, tmp_path, "fault_after_freeze")
+    try:
+        r.start_follow()
+        catchup.wait_caught_up(r.s)
+        freeze.freeze(r.s)
+        assert not app_can_write(r.src_db)
+        finish.finish(r.s)
+        assert r.wait_follow() == 0, r.follow_log()[-3000:]
+        with psycopg.connect(r.tgt_db, autocommit=True) as conn:  # the target loses a row
+            conn.execute(sql.SQL("DELETE FROM {} WHERE id = (SELECT max(id) FROM {})").format(
+                sql.Identifier(workload.SCHEMA, "orders"), sql.Identifier(workload.SCHEMA, "orders")))
+        proc = subprocess.run([DB_UPGRADE, "step", "verify"], env=r.env, capture_output=True, text=True)
+        assert proc.returncode != 0
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "orders" in errors[0], proc.stderr
+        assert not app_can_write(r.src_db)
+        proc = subprocess.run([DB_UPGRADE, "step", "unfreeze"], env=r.env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert app_can_write(r.src_db)
+        print(f"\nfault 7: {errors[0]}; unfreeze restored writes")
+    finally:
+        r.close()
+    assert slot_count(r.src_db, r.slot) == 0
+
+
+def test_long_transaction_at_freeze(pair, dbs, tmp_path):
+    """Fault 9: a transaction open since before the freeze. Left open, freeze times
+    out with a clear message and restores writes; committed during the wait, freeze
+    waits for it and its row reaches the target."""
+    r = Run(pair, dbs, tmp_path, "fault_long_txn", DB_UPGRADE_FREEZE_TIMEOUT=2)
+    audit = sql.Identifier(workload.SCHEMA, workload.AUDIT)
+    try:
+        r.start_follow()
+        catchup.wait_caught_up(r.s)
+        long = psycopg.connect(workload.app_uri(r.src_db))
+        long.execute(sql.SQL("INSERT INTO {} (actor, detail) VALUES ('long', 'open across a freeze')").format(audit))
+        t = time.monotonic()
+        proc = subprocess.run([DB_UPGRADE, "step", "freeze"], env=r.env, capture_output=True, text=True)
+        waited = time.monotonic() - t
+        assert proc.returncode != 0
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "transaction(s) open" in errors[0] and "writes were restored" in errors[0], \
+            proc.stderr
+        assert app_can_write(r.src_db)
+        # Second attempt: the transaction commits while freeze waits for it.
+        r.s = r.s.model_copy(update={"freeze_timeout": 30.0})
+        committer = __import__("threading").Timer(1.5, long.commit)
+        committer.start()
+        t = time.monotonic()
+        freeze.freeze(r.s)
+        waited2 = time.monotonic() - t
+        committer.join()
+        long.close()
+        assert waited2 >= 1.0
+        assert not app_can_write(r.src_db)
+        finish.finish(r.s)
+        assert r.wait_follow() == 0, r.follow_log()[-3000:]
+        verify.verify(r.s)
+        with psycopg.connect(r.tgt_db) as conn:
+            assert conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE actor = 'long'").format(audit)).fetchone()[0] == 1
+        assert table_digests(r.src_db) == table_digests(r.tgt_db)
+        print(f"\nfault 9: freeze timed out after {waited:.1f}s (writes restored); "
+              f"second freeze waited {waited2:.1f}s for the commit; the row is on the target")
+    finally:
+        r.close()
+    assert slot_count(r.src_db, r.slot) == 0
+
+
+def test_endpos_loop_detector():
+    """pgcopydb 0.17's endless restart after its apply reached the endpos (log
+    lines as measured on an abort under writes) is recognised; a normal end is not."""
+    from steps.follow import EndposLoop
+
+    stuck = """\
+INFO   ld_replay.c:241           Replay reached end position 0/12DD6448 at 0/12DD6408
+INFO   follow.c:646              Subprocesses for prefetch, transform, and catchup have now all exited
+INFO   follow.c:218              Current sentinel replay_lsn is 0/12DD6408, endpos is 0/12DD6448
+INFO   follow.c:418              Catching-up from existing on-disk files
+INFO   follow.c:218              Current sentinel replay_lsn is 0/12DD6408, endpos is 0/12DD6448
+INFO   follow.c:361              Restarting logical decoding follower in catchup mode""".splitlines()
+    loop = EndposLoop()
+    assert [loop.feed(ln) for ln in stuck].count(True) == 1 and loop.stuck and loop.endpos_text == "0/12DD6448"
+    normal = """\
+INFO   follow.c:209              Current sentinel replay_lsn is 0/EAE1E98, endpos has now been set to 0/EAE15F0
+INFO   ld_replay.c:241           Replay reached end position 0/EAE15F0 at 0/EAE1E98
+INFO   follow.c:218              Current sentinel replay_lsn is 0/EAE1E98, endpos is 0/EAE15F0
+INFO   follow.c:399              Current endpos 0/EAE15F0 has been reached at 0/EAE1E98""".splitlines()
+    loop = EndposLoop()
+    assert not any(loop.feed(ln) for ln in normal) and not loop.stuck
+
+
+def restart_follow_if_it_died(r: Run, what: str) -> str:
+    """pgcopydb either rides out a server restart or exits; then the step is re-run."""
+    try:
+        rc = r.follow.wait(timeout=8)
+    except subprocess.TimeoutExpired:
+        return f"{what}: follow kept running"
+    r._log.close()
+    r.start_follow()
+    wait_log(r, "follow: resuming the interrupted run")
+    return f"{what}: follow exited {rc}, re-run resumed"
+
+
+def test_server_restarts_during_follow(pair, dbs, tmp_path):
+    """Fault 4: the source restarts during follow, then the target during apply."""
+    r = Run(pair, dbs, tmp_path, "fault_restarts")
+    notes = []
+    try:
+        r.writer = workload.Writer(workload.app_uri(r.src_db), rate=100, threads=2).start()
+        r.start_follow()
+        catchup.wait_caught_up(r.s)
+        time.sleep(1)
+        pair.source.restart()
+        time.sleep(1)
+        notes.append(restart_follow_if_it_died(r, "source restart"))
+        catchup.wait_caught_up(r.s)
+        time.sleep(1)
+        pair.target.restart()
+        time.sleep(1)
+        notes.append(restart_follow_if_it_died(r, "target restart"))
+        report = r.cut_over()
+        print(f"\nfault 4: {'; '.join(notes)}; {sum(t.source_rows for t in report.tables)} rows exact, "
+              f"{r.writer.stats.ok} writes ({r.writer.stats.refused} failed during restarts/freeze)")
+    finally:
+        r.close()
+    assert slot_count(r.src_db, r.slot) == 0
+
+
+@pytest.fixture
+def small_volume(tmp_path):
+    mnt = tmp_path / "volume"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_work_volume_full(pair, dbs, tmp_path, small_volume):
+    """Fault 8: the work volume fills up during follow: the step fails with a line
+    saying so, cleanup with keep-slot keeps the slot; once there is room again a
+    re-run repairs what ENOSPC left (a torn CDC line) and resumes; exact."""
+    r = Run(pair, dbs, tmp_path, "fault_disk_full")
+    r.workdir = small_volume / "work"
+    r.env["DB_UPGRADE_DIR"] = str(r.workdir)
+    r.s = r.s.model_copy(update={"dir": r.workdir})
+    try:
+        r.writer = workload.Writer(workload.app_uri(r.src_db), rate=200, threads=3).start()
+        r.start_follow()
+        catchup.wait_caught_up(r.s)
+        filler = small_volume / "filler"
+        free = os.statvfs(small_volume).f_bavail * os.statvfs(small_volume).f_frsize
+        with open(filler, "wb") as f:  # leave ~64 kB
+            f.write(b"\0" * max(0, free - 64 * 1024))
+        rc = r.wait_follow(timeout=120)
+        log1 = r.follow_log()
+        assert rc != 0
+        errors = [ln for ln in log1.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1, log1[-3000:]
+        assert "work volume" in errors[0] and "No space left on device" in errors[0], errors
+        keep = subprocess.run([DB_UPGRADE, "step", "cleanup"], env=dict(r.env, DB_UPGRADE_KEEP_SLOT="true"),
+                              capture_output=True, text=True)
+        assert keep.returncode == 0 and slot_count(r.src_db, r.slot) == 1, keep.stderr
+        filler.unlink()  # the operator grows the volume
+        r.start_follow()
+        wait_log(r, "follow: resuming the interrupted run")
+        report = r.cut_over()
+        print(f"\nfault 8: {errors[0][:200]}; after freeing space: resumed, "
+              f"{sum(t.source_rows for t in report.tables)} rows exact")
+    finally:
+        r.close()
+    assert slot_count(r.src_db, r.slot) == 0
