@@ -1,4 +1,4 @@
-"""`db-upgrade run` and `db-upgrade rehearse`: the workflow on this machine (docs/local.md)."""
+"""`db-upgrade run` and `db-upgrade rehearse`: the workflow on this machine (README.md, "Running locally")."""
 
 from __future__ import annotations
 

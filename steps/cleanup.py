@@ -31,6 +31,11 @@ def cleanup(s: StepSettings) -> None:
         log(f"cleanup: keeping replication slot {s.slot_name!r} and {workdir} for a retry (keep-slot-on-failure); "
             "run cleanup without DB_UPGRADE_KEEP_SLOT to drop them")
         return
+    # verify's change tracking (a second slot, target triggers) is dropped first:
+    # on an abort it was never torn down, and its slot would keep WAL too.
+    from steps import verify
+
+    verify.drop_tracking(s)
     exists, pid = _slot_state(s)
     deadline = time.monotonic() + ACTIVE_WAIT
     while exists and pid is not None:
@@ -49,13 +54,16 @@ def cleanup(s: StepSettings) -> None:
         if src.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (s.slot_name,)).fetchone():
             src.execute("SELECT pg_drop_replication_slot(%s)", (s.slot_name,))
             log(f"cleanup: dropped replication slot {s.slot_name!r} on the source")
-        src.execute(sql.SQL("DROP SCHEMA IF EXISTS pgcopydb CASCADE"))
-        left = src.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (s.slot_name,)).fetchone()[0]
+        for schema in ("pgcopydb", "db_upgrade"):  # db_upgrade: the drain's heartbeat table
+            src.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        left = src.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name IN (%s, %s)",
+                           (s.slot_name, f"{s.slot_name}_verify")).fetchone()[0]
     with connect(s.target(), "target") as tgt:
         if tgt.execute("SELECT 1 FROM pg_replication_origin WHERE roname = %s", (s.slot_name,)).fetchone():
             tgt.execute("SELECT pg_replication_origin_drop(%s)", (s.slot_name,))
             log(f"cleanup: dropped replication origin {s.slot_name!r} on the target")
-        tgt.execute(sql.SQL("DROP SCHEMA IF EXISTS pgcopydb CASCADE"))
+        for schema in ("pgcopydb", "db_upgrade"):
+            tgt.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
     grant.revoke_replication(s)
     if left:
         raise StepError(f"cleanup: replication slot {s.slot_name!r} is still on the source")

@@ -11,14 +11,25 @@ it simply stops follow. Calling it again keeps the first endpos. Calling it
 before catch-up is allowed: follow applies up to the endpos, however far it is.
 """
 
+import time
+
 from steps import pgcopydb, sentinel, state
 from steps.log import log
 from steps.pg import connect, fmt_lsn, lsn, pretty_bytes
 from steps.settings import StepSettings
 
 
+STARTUP_WAIT = 120.0
+
+
 def finish(s: StepSettings) -> int:
     workdir = s.workdir()
+    # follow may have started pgcopydb a moment ago without its sentinel being
+    # ready yet: wait for it rather than leave follow running with no endpos.
+    deadline = time.monotonic() + STARTUP_WAIT
+    while (state.read(workdir).get("follow_started_at") and not state.read(workdir).get("follow_failed_at")
+           and not sentinel.started(workdir) and time.monotonic() < deadline):
+        time.sleep(0.5)
     sen = sentinel.read(s)
     if sen is None:
         log(f"finish: no pgcopydb run in {workdir} (follow never started); nothing to stop")

@@ -61,10 +61,14 @@ def _check_source(conn: psycopg.Connection, s: StepSettings, r: Report, resuming
     if own_slot and not resuming:
         r.bad(f"a replication slot named {s.slot_name!r} already exists on the source with no run in "
               f"{s.dir}: a leftover of an earlier run; run the cleanup step or drop it")
-    elif slots_used - own_slot < slots_max:
-        r.good(f"replication slots: {slots_used} of {slots_max} in use")
+    elif slots_used - own_slot + 2 <= slots_max:
+        r.good(f"replication slots: {slots_used} of {slots_max} in use (the upgrade needs 2: pgcopydb's and verify's)")
     else:
-        r.bad(f"no free replication slot on the source ({slots_used} of {slots_max}): raise max_replication_slots")
+        r.bad(f"fewer than 2 free replication slots on the source ({slots_used} of {slots_max} in use; "
+              "pgcopydb and verify need one each): raise max_replication_slots")
+    if not conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()[0]:
+        r.bad("the source role lacks CREATE on the database: it needs it for the db_upgrade schema "
+              "(heartbeat and verification bookkeeping); GRANT CREATE ON DATABASE ... TO it")
     if senders_used < senders_max:
         r.good(f"WAL senders: {senders_used} of {senders_max} in use")
     else:
@@ -171,6 +175,9 @@ def _check_pair(src: psycopg.Connection, tgt: psycopg.Connection, r: Report, res
 
 def _check_workdir(s: StepSettings, source_bytes: int | None, r: Report) -> None:
     workdir = s.workdir()
+    if "'" in str(workdir):
+        r.bad(f"work dir {workdir} contains a single quote, which pgcopydb cannot handle: choose another path")
+        return
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".db-upgrade-write-test"

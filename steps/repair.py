@@ -25,7 +25,7 @@ table, index, constraint and the post-data section are done.
   a `.partial` JSON promoted over its older `.json` (or dropped if it is a cut
   short copy of it), an unfinished last transaction cut, the SQL files from the
   replay position on removed (rewritten from the JSON), the dead run's catalog
-  entries removed. docs/failure-modes.md has the operator's view.
+  entries removed. README.md ("Failure modes") has the operator's view.
 - Copy not finished: resuming would copy the unfinished tables with a *new*
   snapshot (`--not-consistent`) while the slot replays every change since the
   *first* snapshot on top of them. pgcopydb applies INSERTs without ON CONFLICT,

@@ -2,7 +2,7 @@
 concurrent application writes. Each test ends with an exact verification
 (steps.verify plus an independent digest) and no replication slot left.
 
-Numbers (rows, times) are printed with -s; docs/failure-modes.md has what the
+Numbers (rows, times) are printed with -s; README.md ("Failure modes") has what the
 operator sees for each fault.
 """
 

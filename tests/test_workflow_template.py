@@ -186,7 +186,7 @@ def test_parameters(wt):
     }
 
 
-WORK_STEPS = {"preflight", "grant-replication", "follow", "wait-caught-up", "freeze", "finish", "cleanup"}
+WORK_STEPS = {"preflight", "grant-replication", "follow", "wait-caught-up", "freeze", "finish", "verify", "cleanup"}
 NEAR_FOLLOW = {"wait-caught-up", "freeze", "finish"}
 
 

@@ -11,7 +11,7 @@ into a script or SQL). The DAG, and why each `depends` is written the way it is:
     onExit: report; on failure unfreeze-after-failure, cleanup-after-failure; drop-scratch-target
 
 Argo's bare `depends: a` also matches a.Skipped, so every edge names its result.
-docs/workflow.md has the diagram and the operator's view; tests/test_workflow_template.py
+README.md ("The upgrade workflow") has the diagram and the operator's view; tests/test_workflow_template.py
 simulates every branch.
 """
 
@@ -332,7 +332,9 @@ def build(cfg: Config) -> WorkflowTemplate:
         # finish only sets the endpos: a short deadline, so that a finish left Pending
         # (follow's pod gone) fails soon and unfreeze restores writes.
         finish = b.step("finish", work=True, near_follow=True, deadline=t.freeze_seconds + 300)
-        verify = b.step("verify", outputs=[_out("verify")])
+        # verify reads its pre-freeze checksums from the work volume; it runs after
+        # follow ended, so it mounts the volume without the affinity to follow.
+        verify = b.step("verify", work=True, outputs=[_out("verify")])
         cleanup = b.step("cleanup", work=True)
         unfreeze = b.step("unfreeze", sql=True, deadline=t.freeze_seconds + 300)
         restart = b.step(
