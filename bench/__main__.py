@@ -157,6 +157,20 @@ def env_for(s, variant):
                     DB_UPGRADE_TABLE_JOBS=s.table_jobs, DB_UPGRADE_INDEX_JOBS=s.index_jobs)
 
 
+def prepare(pair, base, size, prefix, tag, jobs, variant="new"):
+    """A source cloned from the size's template, an empty target, settings and env for one run."""
+    name = f"{prefix}_{tag}"
+    src = data.clone_database(pair.source.uri(), size, name)
+    tgt = data.empty_database(pair.target.uri(), name)
+    s = settings_for(src, tgt, base / f"work_{tag}", workload.freeze_sql_files(base / "sql"), f"s_{tag}", jobs)
+    return name, src, tgt, s, env_for(s, variant), base / f"{tag}.log"
+
+
+def start_follow(env, flog):
+    return subprocess.Popen([DB_UPGRADE, "step", "follow"], env=env, stdout=open(flog, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def run_step(name: str, env: dict, logfile: Path, timeout: float = 1800) -> float:
     t0 = time.time()
     with open(logfile, "a") as f:
@@ -172,17 +186,10 @@ def cutover_run(pair, base, size, rate, variant, tag, jobs) -> dict:
     from steps import catchup, finish, freeze
     from steps import verify as verify_mod
 
-    name = f"c_{tag}"
-    src = data.clone_database(pair.source.uri(), size, name)
-    tgt = data.empty_database(pair.target.uri(), name)
-    workdir = base / f"work_{tag}"
-    sqls = workload.freeze_sql_files(base / "sql")
-    s = settings_for(src, tgt, workdir, sqls, f"s_{tag}", jobs)
-    env = env_for(s, variant)
-    flog = base / f"{tag}.log"
+    name, src, tgt, s, env, flog = prepare(pair, base, size, "c", tag, jobs, variant)
+    workdir = s.workdir()
     writer = workload.Writer(workload.app_uri(src), rate=rate, threads=4 if rate > 200 else 2).start()
-    follow = subprocess.Popen([DB_UPGRADE, "step", "follow"], env=env, stdout=open(flog, "w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    follow = start_follow(env, flog)
     mon = Monitor(follow.pid)
     out = {"size": data.pretty(size), "rate": rate, "variant": variant}
     try:
@@ -244,19 +251,12 @@ def cutover_run(pair, base, size, rate, variant, tag, jobs) -> dict:
 def copy_run(pair, base, size, tool, tag, jobs) -> dict:
     from steps import catchup, finish
 
-    name = f"p_{tag}"
-    src = data.clone_database(pair.source.uri(), size, name)
-    tgt = data.empty_database(pair.target.uri(), name)
-    workdir = base / f"work_{tag}"
-    sqls = workload.freeze_sql_files(base / "sql")
-    s = settings_for(src, tgt, workdir, sqls, f"s_{tag}", jobs)
-    env = env_for(s, "new")
-    flog = base / f"{tag}.log"
+    name, src, tgt, s, env, flog = prepare(pair, base, size, "p", tag, jobs)
+    workdir = s.workdir()
     out = {"size": data.pretty(size), "tool": tool}
     try:
         if tool == "ours":
-            follow = subprocess.Popen([DB_UPGRADE, "step", "follow"], env=env, stdout=open(flog, "w"),
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+            follow = start_follow(env, flog)
             mon = Monitor(follow.pid)
             t0 = time.time()
             catchup.wait_caught_up(s)
@@ -320,20 +320,13 @@ def apply_run(pair, base, size, kind, rates, tag, jobs, seconds=20) -> dict:
     """Rates the apply keeps up with: after `seconds` of pgbench at a rate, the lag is under 8 MB."""
     from steps import catchup, finish
 
-    name = f"a_{tag}"
-    src = data.clone_database(pair.source.uri(), size, name)
-    tgt = data.empty_database(pair.target.uri(), name)
-    workdir = base / f"work_{tag}"
-    sqls = workload.freeze_sql_files(base / "sql")
-    s = settings_for(src, tgt, workdir, sqls, f"s_{tag}", jobs)
-    env = env_for(s, "new")
-    flog = base / f"{tag}.log"
+    name, src, tgt, s, env, flog = prepare(pair, base, size, "a", tag, jobs)
+    workdir = s.workdir()
     out = {"size": data.pretty(size), "kind": kind, "steps": []}
     follow = None
     try:
         if kind == "pgcopydb":
-            follow = subprocess.Popen([DB_UPGRADE, "step", "follow"], env=env, stdout=open(flog, "w"),
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+            follow = start_follow(env, flog)
             catchup.wait_caught_up(s)
             origin = s.slot_name
         else:
