@@ -46,15 +46,25 @@ class EndposLoop:
     sentinel's replay_lsn at R, the last commit before E. The follow supervisor
     then sees replay_lsn < endpos and restarts prefetch/transform/catchup, which
     stop at once, forever (measured on an abort: finish without freeze, under
-    writes). Two such restarts after the apply's statement = stuck."""
+    writes). Two such restarts after the apply's statement = stuck.
+
+    A second form, with no such statement: the receiver stops because the
+    source reported a position at or past the endpos ("Streamed up to write_lsn
+    W, flush_lsn W, stopping: endpos is E") while the last transaction before E
+    ended at W, and the apply has replayed up to W. Nothing else exists before
+    E, yet replay_lsn stays at W < E (measured in CI). Three restarts with
+    replay_lsn == W = stuck."""
 
     REACHED = re.compile(r"Replay reached end position (\S+) at (\S+)")
     CURRENT = re.compile(r"Current sentinel replay_lsn is (\S+), endpos is (\S+)")
+    STREAMED = re.compile(r"Streamed up to write_lsn (\S+), flush_lsn (\S+), stopping: endpos is (\S+)")
 
     def __init__(self) -> None:
         self.endpos_text = self.at_text = ""
         self.restarts = 0
         self.stuck = False
+        self.streamed: tuple[int, int, str] | None = None  # (write = flush, endpos, endpos text)
+        self.streamed_restarts = 0
 
     def feed(self, line: str) -> bool:
         """True once, when the loop is recognised."""
@@ -64,7 +74,23 @@ class EndposLoop:
         if m:
             self.endpos_text, self.at_text = m.group(1), m.group(2)
             return False
+        m = self.STREAMED.search(line)
+        if m:
+            write, flush, endpos = lsn(m.group(1)), lsn(m.group(2)), lsn(m.group(3))
+            self.streamed = (write, endpos, m.group(3)) if endpos and write == flush and write < endpos else None
+            return False
         m = self.CURRENT.search(line)
+        if m and not self.endpos_text and self.streamed and not self.stuck:
+            replay, endpos = lsn(m.group(1)), lsn(m.group(2))
+            if (replay, endpos) == self.streamed[:2]:
+                self.streamed_restarts += 1
+                if self.streamed_restarts >= 3:
+                    self.endpos_text, self.at_text = self.streamed[2], m.group(1)
+                    self.stuck = True
+                    return True
+            else:
+                self.streamed_restarts = 0
+            return False
         if m and self.endpos_text and not self.stuck:
             replay, endpos = lsn(m.group(1)), lsn(m.group(2))
             if endpos == lsn(self.endpos_text) and replay < endpos:
@@ -206,8 +232,8 @@ def _follow(s: StepSettings, workdir) -> None:
             if "No space left on device" in line:
                 disk_full = True
             if loop.feed(line):
-                log(f"follow: pgcopydb's apply has applied everything before the endpos {loop.endpos_text} "
-                    f"(it logged 'Replay reached end position {loop.endpos_text} at {loop.at_text}') but "
+                log(f"follow: pgcopydb has applied everything before the endpos {loop.endpos_text} "
+                    f"(up to {loop.at_text}, the last change before it) but "
                     "its sentinel keeps replay_lsn below the endpos, so pgcopydb restarts its follow loop "
                     "forever (pgcopydb 0.17 bug); stopping it")
                 signal_session(proc.pid, signal.SIGTERM)

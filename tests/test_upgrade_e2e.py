@@ -110,6 +110,8 @@ def test_upgrade_under_writes_loses_nothing(pair, dbs, tmp_path):
     src_seq, tgt_seq = sequences(source), sequences(target)
     assert src_seq and all(tgt_seq[k] >= v for k, v in src_seq.items()), (src_seq, tgt_seq)
 
+    freeze.unfreeze(s)  # the role setting is cluster-wide: give the other tests their writer back
+    freeze.unfreeze(s)  # twice: harmless
     cleanup.cleanup(s)
     cleanup.cleanup(s)  # twice: harmless
     with psycopg.connect(source) as conn:
