@@ -48,6 +48,9 @@ def prepared_pair(pair, dbs, tmp_path, monkeypatch):
 
 def both(src: str, tgt: str, stmt: str, on_target: bool = True) -> None:
     with psycopg.connect(src, autocommit=True) as c:
+        # The test servers run synchronous_commit=off; decoding sees only flushed
+        # WAL, so flush at commit to make "tracked before the freeze" deterministic.
+        c.execute("SET synchronous_commit = on")
         c.execute(stmt)
     if on_target:
         with psycopg.connect(tgt, autocommit=True) as c:
