@@ -59,7 +59,7 @@ from pathlib import Path
 
 import psycopg
 
-from steps import sentinel, state
+from steps import pgcopydb, sentinel, state
 from steps.log import log
 from steps.pg import connect, fmt_lsn, lsn
 from steps.settings import StepSettings
@@ -105,9 +105,8 @@ def prepare_source(s: StepSettings) -> bool:
 def heartbeat_ready(s: StepSettings) -> bool:
     """Is updating the heartbeat safe: pgcopydb knows the table (its catalog was
     built from the copy's snapshot) and the target has it with its row."""
-    db = s.workdir() / "schema" / "source.db"
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2)
+        con = pgcopydb.read_catalog(s.workdir())
         try:
             known = con.execute("SELECT 1 FROM s_table WHERE nspname = ? AND relname = ?",
                                 (SCHEMA, HEARTBEAT)).fetchone()
@@ -128,15 +127,10 @@ def prefetch_pids(sid: int) -> list[int]:
     """pgcopydb's receiver: the `follow prefetch` process of the session (pgcopydb
     was started with start_new_session; under bwrap it may have its own group)."""
     pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in pgcopydb.session_pids(sid):
         try:
-            pid = int(entry.name)
-            if os.getsid(pid) != sid and os.getpgid(pid) != sid:
-                continue
-            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ProcessLookupError):
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
             continue
         if "follow prefetch" in title:
             pids.append(pid)

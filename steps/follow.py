@@ -108,13 +108,10 @@ def signal_session(sid: int, signum: int) -> None:
     with start_new_session, so its session id is its pid; its process group may
     differ (under bwrap, pgcopydb runs in a group of its own inside the session)."""
     groups = {sid}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in pgcopydb.session_pids(sid):
         try:
-            if os.getsid(int(entry)) == sid:
-                groups.add(os.getpgid(int(entry)))
-        except (ProcessLookupError, PermissionError):
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
             continue
     for pgid in groups:
         try:

@@ -11,6 +11,12 @@ from steps.errors import StepError
 
 CONNECT_TIMEOUT = 10
 
+# The application's schemas: not the system's, not pgcopydb's, not ours (the
+# db_upgrade heartbeat and verification bookkeeping). In queries run with
+# params=() so that psycopg turns %% into %.
+USER_SCHEMAS = ("n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgcopydb', 'db_upgrade') "
+                "AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'")
+
 
 def _parse(uri: str, role: str) -> dict:
     try:

@@ -120,6 +120,34 @@ def run(s, *args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     return proc
 
 
+def catalog_path(workdir: Path) -> Path:
+    """pgcopydb's SQLite catalog (sentinel, setup, tables) since 0.15."""
+    return workdir / "schema" / "source.db"
+
+
+def read_catalog(workdir: Path, timeout: float = 2):
+    """A read-only connection to the catalog: never via pgcopydb itself, which
+    would initialise it and race with a starting clone."""
+    import sqlite3
+
+    return sqlite3.connect(f"file:{catalog_path(workdir)}?mode=ro", uri=True, timeout=timeout)
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every process of pgcopydb's session. It is started with start_new_session,
+    so its session id is its pid; under bwrap its process group may differ."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry)) == sid:
+                pids.append(int(entry))
+        except (ProcessLookupError, PermissionError):
+            continue
+    return pids
+
+
 def last_error(stderr: str) -> str:
     """The most telling line of pgcopydb's log: its last ERROR, else its last line."""
     lines = [ln for ln in stderr.splitlines() if ln.strip()]

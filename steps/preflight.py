@@ -13,7 +13,7 @@ import psycopg
 from steps import pgcopydb, sentinel
 from steps.errors import StepError
 from steps.log import log
-from steps.pg import connect, pretty_bytes, server_major
+from steps.pg import USER_SCHEMAS, connect, pretty_bytes, server_major
 from steps.settings import StepSettings
 
 # Free space on the work volume, as a share of the source size: pgcopydb keeps the
@@ -21,7 +21,6 @@ from steps.settings import StepSettings
 MIN_FREE_SHARE = 0.25
 MIN_FREE_BYTES = 64 * 1024 * 1024
 
-SYSTEM_SCHEMAS = "('pg_catalog', 'information_schema', 'pgcopydb') AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'"
 
 
 @dataclass
@@ -89,7 +88,7 @@ def _check_source(conn: psycopg.Connection, s: StepSettings, r: Report, resuming
     no_identity = conn.execute(
         f"""SELECT format('%%I.%%I', n.nspname, c.relname)
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE c.relkind = 'r' AND n.nspname NOT IN {SYSTEM_SCHEMAS}
+            WHERE c.relkind = 'r' AND {USER_SCHEMAS}
               AND c.relreplident <> 'f'
               AND NOT (c.relreplident = 'd' AND EXISTS (
                     SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
@@ -115,12 +114,12 @@ def _referenced_roles(conn: psycopg.Connection) -> set[str]:
     rows = conn.execute(
         f"""WITH objs AS (
               SELECT c.relowner AS owner, c.relacl AS acl FROM pg_class c
-                JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname NOT IN {SYSTEM_SCHEMAS}
-              UNION ALL SELECT n.nspowner, n.nspacl FROM pg_namespace n WHERE n.nspname NOT IN {SYSTEM_SCHEMAS}
+                JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER_SCHEMAS}
+              UNION ALL SELECT n.nspowner, n.nspacl FROM pg_namespace n WHERE {USER_SCHEMAS}
               UNION ALL SELECT p.proowner, p.proacl FROM pg_proc p
-                JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname NOT IN {SYSTEM_SCHEMAS}
+                JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {USER_SCHEMAS}
               UNION ALL SELECT t.typowner, t.typacl FROM pg_type t
-                JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname NOT IN {SYSTEM_SCHEMAS}
+                JOIN pg_namespace n ON n.oid = t.typnamespace WHERE {USER_SCHEMAS}
               UNION ALL SELECT d.defaclrole, d.defaclacl FROM pg_default_acl d
               UNION ALL SELECT db.datdba, db.datacl FROM pg_database db WHERE db.datname = current_database()
             ),
@@ -144,7 +143,7 @@ def _check_pair(src: psycopg.Connection, tgt: psycopg.Connection, r: Report, res
     tables = tgt.execute(
         f"""SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c
             JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND n.nspname NOT IN {SYSTEM_SCHEMAS}
+            WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND {USER_SCHEMAS}
             ORDER BY 1""", ()
     ).fetchall()
     if not tables:

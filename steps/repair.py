@@ -45,7 +45,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from steps import state
+from steps import pgcopydb, state
 from steps.errors import StepError
 from steps.log import log
 from steps.pg import connect
@@ -56,13 +56,9 @@ USER_SCHEMAS = ("n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgcopydb
                 "AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'")
 
 
-def catalog_path(workdir: Path) -> Path:
-    return workdir / "schema" / "source.db"
-
-
 def copy_finished(workdir: Path) -> bool:
     """pgcopydb's own record: the sentinel's apply flag is set after the whole copy."""
-    db = catalog_path(workdir)
+    db = pgcopydb.catalog_path(workdir)
     if not db.exists():
         return False
     try:
@@ -206,7 +202,7 @@ def drop_stale_sql_files(workdir: Path) -> list[str]:
     and resume. The SQL files of the segment holding the replay position and of
     every later one are removed; transform writes them again from the JSON (the
     apply waits for them: "does not exist yet")."""
-    db = catalog_path(workdir)
+    db = pgcopydb.catalog_path(workdir)
     cdc = workdir / "cdc"
     if not db.exists() or not cdc.is_dir():
         return []
@@ -240,7 +236,7 @@ def drop_stale_sql_files(workdir: Path) -> list[str]:
 
 def repair_catalog(workdir: Path) -> list[str]:
     """Forget work items and processes of the dead run; keep everything marked done."""
-    db = catalog_path(workdir)
+    db = pgcopydb.catalog_path(workdir)
     if not db.exists():
         return []
     done = []
@@ -410,7 +406,7 @@ def prepare_resume(s: StepSettings) -> bool:
     """Called by follow when an earlier run used this dir. True: resume it; False:
     the dir, slot and target were reset and a fresh copy must start."""
     workdir = s.workdir()
-    if not catalog_path(workdir).exists():
+    if not pgcopydb.catalog_path(workdir).exists():
         restart_copy(s, f"the earlier run in {workdir} stopped before pgcopydb wrote its catalogs")
         return False
     if not copy_finished(workdir):
@@ -437,7 +433,7 @@ def prepare_resume(s: StepSettings) -> bool:
 def mark_endpos_replayed(workdir: Path, endpos: str) -> None:
     """After pgcopydb stopped: record in its sentinel that the endpos is replayed
     (its apply said so but left replay_lsn at the last commit before it)."""
-    conn = sqlite3.connect(catalog_path(workdir), timeout=30)
+    conn = sqlite3.connect(pgcopydb.catalog_path(workdir), timeout=30)
     try:
         with conn:
             conn.execute("UPDATE sentinel SET replay_lsn = ? WHERE id = 1 AND endpos = ?", (endpos, endpos))

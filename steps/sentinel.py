@@ -24,7 +24,7 @@ class Sentinel:
 
 
 def exists(workdir: Path) -> bool:
-    return (workdir / "schema" / "source.db").exists()
+    return pgcopydb.catalog_path(workdir).exists()
 
 
 def started(workdir: Path) -> bool:
@@ -40,7 +40,7 @@ def started(workdir: Path) -> bool:
     if not (state.read(workdir).get("follow_started_at") and exists(workdir)):
         return False
     try:
-        conn = sqlite3.connect(f"file:{workdir / 'schema' / 'source.db'}?mode=ro", uri=True, timeout=2)
+        conn = pgcopydb.read_catalog(workdir)
         try:
             # The sentinel row is written before clone registers its snapshot in
             # `setup`: both must be there before anyone else runs pgcopydb here.

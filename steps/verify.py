@@ -80,12 +80,11 @@ from psycopg import sql
 from steps import state
 from steps.errors import StepError
 from steps.log import log
-from steps.pg import connect, fmt_lsn, lsn
+from steps.pg import USER_SCHEMAS, connect, fmt_lsn, lsn
 from steps.settings import StepSettings
 
 OWN_SCHEMA = "db_upgrade"
-SCHEMA_FILTER = ("n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgcopydb', 'db_upgrade') "
-                 "AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'")
+SCHEMA_FILTER = USER_SCHEMAS  # every comparison covers the same schemas
 
 OBJECTS = f"""
 SELECT 'table ' || format('%%I.%%I', n.nspname, c.relname) FROM pg_class c

@@ -21,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from local import workload
 from tests.conftest import DB_UPGRADE, step_env
+from tests.test_bad_input import one_error, run_step
 
 pytestmark = pytest.mark.slow
 
@@ -154,10 +155,7 @@ def test_scratch_database_name_is_data(pair, tmp_path):
 def test_quote_in_work_dir_refused(pair, dbs, tmp_path):
     """pgcopydb 0.17 splices --dir into SQLite SQL: follow refuses such a dir with one line."""
     env = step_env(*dbs, tmp_path / "it's" / "work", DB_UPGRADE_SLOT_NAME="sec_quote")
-    proc = subprocess.run([DB_UPGRADE, "step", "follow"], env=env, capture_output=True, text=True)
-    assert proc.returncode != 0
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "single quote" in errors[0], proc.stderr
+    one_error(run_step("follow", env), "single quote")
     with psycopg.connect(pair.source.uri()) as conn:
         assert not conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sec_quote'").fetchone()
 
@@ -165,9 +163,6 @@ def test_quote_in_work_dir_refused(pair, dbs, tmp_path):
 def test_scratch_database_name_too_long(pair, tmp_path):
     """PostgreSQL would truncate a name over 63 bytes and create another database."""
     env = step_env(pair.source.uri(), pair.target.uri(), tmp_path / "work", DB_UPGRADE_SCRATCH_DATABASE="x" * 64)
-    proc = subprocess.run([DB_UPGRADE, "step", "create-scratch-target"], env=env, capture_output=True, text=True)
-    assert proc.returncode != 0
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "63 bytes" in errors[0], proc.stderr
+    one_error(run_step("create-scratch-target", env), "63 bytes")
     with psycopg.connect(pair.target.uri()) as conn:
         assert not conn.execute("SELECT 1 FROM pg_database WHERE datname LIKE 'xxxx%'").fetchone()
