@@ -24,7 +24,7 @@ table, index, constraint and the post-data section are done.
   without it; see each function): pidfiles removed, a torn last JSON line cut,
   a `.partial` JSON promoted over its older `.json` (or dropped if it is a cut
   short copy of it), an unfinished last transaction cut, the SQL files from the
-  replay position on removed (rewritten from the JSON), the dead run's catalog
+  apply's resume position on rewritten from the JSON, the dead run's catalog
   entries removed. README.md ("Failure modes") has the operator's view.
 - Copy not finished: resuming would copy the unfinished tables with a *new*
   snapshot (`--not-consistent`) while the slot replays every change since the
@@ -193,45 +193,94 @@ def cut_open_transaction(workdir: Path) -> list[str]:
             "the source sends it again, whole"]
 
 
-def drop_stale_sql_files(workdir: Path) -> list[str]:
-    """SQL files written while streaming live carry BEGIN lines without the
-    transaction's COMMIT LSN; pgcopydb 0.17's apply re-applies such a
-    transaction instead of skipping it (ld_apply.c: continuedTxn), and on resume
-    it may read the old file before transform has rewritten it from the JSON:
-    measured, "duplicate key value violates unique constraint" after a SIGTERM
-    and resume. The SQL files of the segment holding the replay position and of
-    every later one are removed; transform writes them again from the JSON (the
-    apply waits for them: "does not exist yet")."""
-    db = pgcopydb.catalog_path(workdir)
+def _segment(position: int, workdir: Path) -> str | None:
+    """The WAL file name (24 hex digits) pgcopydb names the CDC files of a position by."""
     cdc = workdir / "cdc"
-    if not db.exists() or not cdc.is_dir():
-        return []
-    conn = sqlite3.connect(db, timeout=30)
-    try:
-        row = conn.execute("SELECT replay_lsn FROM sentinel WHERE id = 1").fetchone()
-    finally:
-        conn.close()
-    from steps.pg import lsn
-
-    replay = lsn(row[0]) if row and row[0] else 0
     try:
         segsz = int((cdc / "wal_segment_size").read_text().strip())
         tli = int((cdc / "tli").read_text().strip() or "1")
     except (OSError, ValueError):
-        return []
+        return None
     per_xlogid = 0x100000000 // segsz
-    segno = replay // segsz
-    first = f"{tli:08X}{segno // per_xlogid:08X}{segno % per_xlogid:08X}"
-    removed = []
+    segno = position // segsz
+    return f"{tli:08X}{segno // per_xlogid:08X}{segno % per_xlogid:08X}"
+
+
+def apply_start(s: StepSettings) -> int:
+    """Where pgcopydb's apply resumes reading: the target's replication origin
+    (it overrides the sentinel's replay_lsn), or the sentinel's replay_lsn when
+    it is earlier. 0 when neither is known."""
+    from steps.pg import lsn
+
+    positions = []
+    conn = sqlite3.connect(pgcopydb.catalog_path(s.workdir()), timeout=30)
+    try:
+        row = conn.execute("SELECT replay_lsn FROM sentinel WHERE id = 1").fetchone()
+    finally:
+        conn.close()
+    if row and lsn(row[0]):
+        positions.append(lsn(row[0]))
+    with connect(s.target(), "target") as tgt:
+        origin = tgt.execute("SELECT pg_replication_origin_progress(%s, false)::text", (s.slot_name,)).fetchone()
+    if origin and lsn(origin[0]):
+        positions.append(lsn(origin[0]))
+    return min(positions) if positions else 0
+
+
+def rewrite_sql_files(s: StepSettings) -> list[str]:
+    """Rewrite, from the JSON, every SQL file the resumed apply will read.
+
+    pgcopydb 0.17 on resume re-transforms only the JSON file it resumes
+    streaming into (the latest); its apply starts at the target's replication
+    origin, usually some segments earlier, and reads the SQL files there as it
+    finds them. Those were written while streaming live: their BEGIN lines lack
+    the COMMIT LSN, so the apply re-applies transactions instead of skipping
+    them (ld_apply.c: continuedTxn; measured, "duplicate key value violates
+    unique constraint" after a SIGTERM and resume), and a file whose tail the
+    dead transform never wrote is read as complete, its missing transactions
+    skipped. Merely deleting them is worse: nothing writes them again, the
+    apply waits for them and then, streaming live, skips the segments between
+    (measured: rows lost, or a duplicate key, after a target restart while
+    WAL segments switched). So each SQL file from the apply's start segment on
+    is written again with `pgcopydb stream transform JSON SQL`, the file mode
+    of its own catch-up transform (BEGIN lines with the COMMIT LSN)."""
+    workdir = s.workdir()
+    cdc = workdir / "cdc"
+    if not pgcopydb.catalog_path(workdir).exists() or not cdc.is_dir():
+        return []
+    start = apply_start(s)
+    first = _segment(start, workdir) if start else None
+    if first is None:
+        return []
+
+    def seg(name: str) -> str | None:
+        head = name.split(".", 1)[0]
+        return head if len(head) == 24 and all(c in "0123456789ABCDEF" for c in head) else None
+
+    removed = 0
     for f in sorted(cdc.iterdir()):
-        name = f.name
-        if not (name.endswith(".sql") or name.endswith(".sql.partial")) or len(name.split(".")[0]) != 24:
-            continue
-        if name.split(".")[0] >= first:
+        if seg(f.name) and seg(f.name) >= first and f.name.endswith((".sql", ".sql.partial")):
             f.unlink()
-            removed.append(name)
-    return [f"removed {len(removed)} SQL file(s) from the replay position on ({', '.join(removed)}); "
-            "transform writes them again from the JSON"] if removed else []
+            removed += 1
+    sources: dict[str, Path] = {}
+    for f in sorted(cdc.iterdir()):
+        name = seg(f.name)
+        if name and name >= first and f.name.endswith((".json", ".json.partial")) and not f.is_symlink():
+            # A closed segment's .json, else the .partial still being written
+            # (promote_partial_files has already merged any pair of both).
+            if f.name.endswith(".json") or name not in sources:
+                sources[name] = f
+    for name in sorted(sources):
+        src = sources[name]
+        proc = pgcopydb.run(s, "stream", "transform", "--dir", str(workdir), str(src), str(cdc / f"{name}.sql"),
+                            check=False, timeout=1800)
+        if proc.returncode != 0:
+            raise StepError(f"follow: cannot rewrite {name}.sql from {src.name} for the resume: "
+                            f"{pgcopydb.last_error(proc.stderr)}; keep the work volume and run follow again")
+    from steps.pg import fmt_lsn
+
+    return [f"rewrote {len(sources)} SQL file(s) from the JSON, from the apply's resume position {fmt_lsn(start)} "
+            f"on ({', '.join(sorted(sources)) or 'none'}; {removed} stale SQL file(s) replaced)"]
 
 
 def repair_catalog(workdir: Path) -> list[str]:
@@ -422,7 +471,7 @@ def prepare_resume(s: StepSettings) -> bool:
                         "is gone from the source (cleanup ran?), and with it the changes since the copy")
         return False
     fixes = (remove_pidfiles(workdir) + repair_cdc_files(workdir) + promote_partial_files(workdir)
-             + cut_open_transaction(workdir) + drop_stale_sql_files(workdir) + repair_catalog(workdir))
+             + cut_open_transaction(workdir) + rewrite_sql_files(s) + repair_catalog(workdir))
     for line in fixes:
         log(f"follow: repair: {line}")
     if not fixes:
