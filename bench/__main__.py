@@ -204,8 +204,9 @@ def cutover_run(pair, base, size, rate, variant, tag, jobs) -> dict:
             out["prepare_s"] = rec["seconds"] if rec else None
             catchup.wait_caught_up(s)  # the preparation competes with the apply: freeze from caught-up
         time.sleep(3)
-        t_freeze = time.time()
-        freeze.freeze(s)
+        t_approve = time.time()
+        freeze.freeze(s)  # waits first (writes allowed) for a low lag, then revokes writes
+        t_freeze = float(json.loads((workdir / "db-upgrade-state.json").read_text())["frozen_at"])
         finish.finish(s)
         follow.wait(timeout=600)
         t_follow = time.time()
@@ -216,7 +217,8 @@ def cutover_run(pair, base, size, rate, variant, tag, jobs) -> dict:
         while writer.stats.first_ok_on_target_at is None and time.time() < deadline:
             time.sleep(0.01)
         st = writer.stop()
-        out.update(freeze_to_follow_exit_s=round(t_follow - t_freeze, 2),
+        out.update(settle_s=round(t_freeze - t_approve, 2),
+                   freeze_to_follow_exit_s=round(t_follow - t_freeze, 2),
                    freeze_to_verified_s=round(t_verified - t_freeze, 2),
                    verify_s=round(t_verified - t_follow, 2),
                    downtime_s=round(st.first_ok_on_target_at - st.first_refused_at, 2)
@@ -265,6 +267,32 @@ def copy_run(pair, base, size, tool, tag, jobs) -> dict:
             follow.wait(timeout=600)
             out["memory"] = mon.stop()
             run_step("cleanup", env, flog, timeout=120)
+        elif tool == "pgcopydb --follow":
+            # What start.sh ran: clone --follow, timed to caught-up as wait-caught-up
+            # decides it (copy done, target origin within the threshold), read
+            # straight from pgcopydb's catalog and the servers; no step process.
+            argv = pgcopydb.locate(workdir).argv(
+                "clone", "--follow", "--dir", str(workdir), "--plugin", "test_decoding", "--slot-name", s.slot_name,
+                "--origin", s.slot_name, "--table-jobs", str(jobs[0]), "--index-jobs", str(jobs[1]))
+            t0 = time.time()
+            p = subprocess.Popen(argv, env=env, stdout=open(flog, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+            mon = Monitor(p.pid)
+            with psycopg.connect(src, autocommit=True) as sc, psycopg.connect(tgt, autocommit=True) as tc:
+                while p.poll() is None:
+                    if _bare_apply_enabled(workdir) and 0 <= _lag(sc, tc, s.slot_name) <= s.lag_threshold_bytes:
+                        break
+                    time.sleep(0.05)
+            out["seconds"] = round(time.time() - t0, 2)
+            out["memory"] = mon.stop()
+            from steps.follow import signal_session
+
+            signal_session(p.pid, 15)
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                signal_session(p.pid, 9)
+                p.wait(timeout=30)
+            run_step("cleanup", env, flog, timeout=120)
         elif tool.startswith("pgcopydb"):
             j = jobs if tool == "pgcopydb" else tuple(int(x) for x in tool.split("@")[1].split(","))
             tool_ = pgcopydb.locate(workdir)
@@ -295,6 +323,20 @@ def copy_run(pair, base, size, tool, tag, jobs) -> dict:
         data.drop_database(pair.target.uri(), name)
     log(f"bench: copy {out}")
     return out
+
+
+def _bare_apply_enabled(workdir: Path) -> bool:
+    import sqlite3
+
+    try:
+        conn = pgcopydb.read_catalog(workdir)
+        try:
+            row = conn.execute("SELECT apply FROM sentinel WHERE id = 1").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
+    return bool(row) and str(row[0]).lower() in ("1", "true")
 
 
 def _lag(src_conn, tgt_conn, origin: str) -> int:
@@ -407,27 +449,31 @@ def summarize(results: dict) -> list[str]:
     lines = []
     copy = results.get("copy", [])
     if copy:
-        lines += ["", "Initial copy (no writes), seconds, median", "| size | ours (follow step to caught-up) | bare pgcopydb clone | pg_dump -Fd -j + pg_restore -j | ours / bare | bare pgcopydb, other jobs (table,index) | runs |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "Initial copy (no writes), seconds, median", "| size | ours (follow step to caught-up) | bare pgcopydb clone --follow to caught-up | bare pgcopydb clone | pg_dump -Fd -j + pg_restore -j | ours / bare clone --follow | ours / bare clone | bare pgcopydb, other jobs (table,index) | runs |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for size in dict.fromkeys(r["size"] for r in copy):
             tools = list(dict.fromkeys(r["tool"] for r in copy))
             m = {t: median([r["seconds"] for r in copy if r["size"] == size and r["tool"] == t]) for t in tools}
             ratio = round(m["ours"] / m["pgcopydb"], 2) if m.get("ours") and m.get("pgcopydb") else None
+            fol = m.get("pgcopydb --follow")
+            ratio_f = round(m["ours"] / fol, 2) if m.get("ours") and fol else None
             alt = "; ".join(f"{t}: {m[t]}" for t in tools if "@" in t)
             n = len([r for r in copy if r["size"] == size and r["tool"] == "ours"])
-            lines.append(f"| {size} | {m.get('ours')} | {m.get('pgcopydb')} | {m.get('dump')} | {ratio} | {alt} | {n} |")
+            lines.append(f"| {size} | {m.get('ours')} | {fol} | {m.get('pgcopydb')} | {m.get('dump')} | {ratio_f} | {ratio} | "
+                         f"{alt} | {n} |")
     cut = results.get("cutover", [])
     if cut:
         lines += ["", "Cutover, seconds, median (n runs)",
-                  "| size | writes/s | variant | first refused write -> target verified+writable | freeze -> follow exit | freeze -> verified | of which verify step | key ranges re-checked | prepare (before freeze) | runs |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| size | writes/s | variant | first refused write -> target verified+writable | freeze -> follow exit | freeze -> verified | of which verify step | key ranges re-checked | prepare (before freeze) | settle before freeze (writes allowed) | runs |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         keys = dict.fromkeys((r["size"], r["rate"], r["variant"]) for r in cut)
         for size, rate, variant in keys:
             rs = [r for r in cut if (r["size"], r["rate"], r["variant"]) == (size, rate, variant)]
             lines.append(f"| {size} | {rate} | {variant} | {median([r.get('downtime_s') for r in rs])} | "
                          f"{median([r.get('freeze_to_follow_exit_s') for r in rs])} | "
                          f"{median([r.get('freeze_to_verified_s') for r in rs])} | {median([r.get('verify_s') for r in rs])} | "
-                         f"{median([r.get('verify_buckets') for r in rs])} | {median([r.get('prepare_s') for r in rs])} | {len(rs)} |")
+                         f"{median([r.get('verify_buckets') for r in rs])} | {median([r.get('prepare_s') for r in rs])} | "
+                         f"{median([r.get('settle_s') for r in rs])} | {len(rs)} |")
     mem = [(r["size"], "copy " + r["tool"], r["memory"]) for r in copy if r.get("memory")]
     mem += [(r["size"], f"follow+cutover {r['variant']}", r["memory"]) for r in cut if r.get("memory")]
     if mem:
@@ -478,7 +524,11 @@ def main() -> None:
             data.ensure_template(pair.source.uri(), size, log=log)
             for run in range(a.runs):
                 if "copy" in only:
-                    for tool in ("ours", "pgcopydb", "dump") + tuple(f"pgcopydb@{x}" for x in a.alt_jobs.split(";") if x):
+                    tools = ("ours", "pgcopydb --follow", "pgcopydb", "dump") + tuple(f"pgcopydb@{x}" for x in a.alt_jobs.split(";") if x)
+                    # Rotate who goes first: the first run of a round meets the
+                    # template's fresh writes (checkpoint, cold cache) the others don't.
+                    tools = tools[run % len(tools):] + tools[:run % len(tools)]
+                    for tool in tools:
                         n += 1
                         results["copy"].append(copy_run(pair, base, size, tool, f"{n}", jobs))
                 if "cutover" in only:

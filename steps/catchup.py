@@ -1,8 +1,13 @@
 """wait-caught-up: wait until the copy is done and the replay lag is small.
 
-Lag = source pg_current_wal_lsn() - the sentinel's replay_lsn (what has been
-applied on the target). pg_stat_replication.replay_lag is not used: pgcopydb
-reports it misleadingly (pgcopydb #518).
+Lag = source pg_current_wal_lsn() - what the target holds: the later of the
+sentinel's replay_lsn and the target's replication origin, once pgcopydb has
+finished the copy (its sentinel's apply flag). pgcopydb sets the origin to the
+copy's snapshot position at setup and advances it in the same transaction as
+each applied change, so it is exact at once, while the sentinel's replay_lsn
+is published every few seconds and stays 0 until pgcopydb's apply has been
+restarted after the copy (about 2 s). pg_stat_replication.replay_lag is not
+used: pgcopydb reports it misleadingly (pgcopydb #518).
 """
 
 import time
@@ -11,18 +16,34 @@ from steps import sentinel, state
 from steps.errors import StepError
 from steps.follow import _progress
 from steps.log import log
-from steps.pg import pretty_bytes
+from steps.pg import connect, lsn, pretty_bytes
 from steps.settings import StepSettings
 
 LOG_EVERY = 30.0
 
 
+def applied_lsn(s: StepSettings) -> int:
+    """The target's replication origin position (0 if there is none yet)."""
+    import psycopg
+
+    try:
+        with connect(s.target(), "target") as conn:
+            row = conn.execute("SELECT pg_replication_origin_progress(%s, false)::text",
+                               (s.slot_name,)).fetchone()
+    except (psycopg.Error, StepError):
+        return 0
+    return lsn(row[0]) if row and row[0] else 0
+
+
 def measure_lag(s: StepSettings) -> int | None:
     """Bytes behind, or None while the initial copy is still running."""
     sen = sentinel.read(s, strict=False)
-    if sen is None or not sen.apply or sen.replay_lsn == 0:
+    if sen is None or not sen.apply:
         return None
-    return max(0, sentinel.source_lsn(s.source()) - sen.replay_lsn)
+    # Source first: a position read after the target's can only overstate the lag.
+    source = sentinel.source_lsn(s.source())
+    applied = max(sen.replay_lsn, applied_lsn(s))
+    return None if applied == 0 else max(0, source - applied)
 
 
 def wait_caught_up(s: StepSettings) -> int:

@@ -43,5 +43,6 @@ def finish(s: StepSettings) -> int:
     behind = max(0, endpos - sen.replay_lsn) if sen.apply and sen.replay_lsn else None
     state.update(workdir, endpos=fmt_lsn(endpos), endpos_set_at=state.now())
     log(f"finish: endpos set to {fmt_lsn(endpos)}"
-        + (f"; {pretty_bytes(behind)} left to apply" if behind is not None else "; the initial copy is still running"))
+        + (f"; {pretty_bytes(behind)} left to apply" if behind is not None
+           else "" if sen.apply else "; the initial copy is still running"))
     return endpos

@@ -1,5 +1,11 @@
 """freeze and unfreeze: stop and restore application writes on the source.
 
+Before it, while writes are still allowed, freeze waits briefly (settle) for the
+target to come within DB_UPGRADE_SETTLE_LAG_BYTES of the source: the frozen window
+has to drain what is in flight at the freeze, so freezing at a low point of the
+lag shortens it. It never fails on this; after DB_UPGRADE_SETTLE_TIMEOUT it
+freezes anyway.
+
 The readonly SQL runs in one transaction: if it fails halfway, nothing is frozen.
 After it commits, transactions that were already open may still commit writes;
 a write that commits after the endpos would never reach the target, so freeze
@@ -45,10 +51,49 @@ def _run_sql_file(s: StepSettings, which: str) -> float:
     return committed
 
 
+SETTLE_POLL = 0.05
+
+
+def settle(s: StepSettings) -> int | None:
+    """Wait, writes still allowed, until the target's replication origin is within
+    settle_lag_bytes of the source's WAL. Returns the lag frozen at (None if unknown)."""
+    from steps.pg import lsn, pretty_bytes
+
+    if s.settle_timeout <= 0:
+        return None
+    deadline = time.monotonic() + s.settle_timeout
+    best = None
+    try:
+        with connect(s.source(), "source") as src, connect(s.target(), "target") as tgt:
+            while True:
+                source = lsn(src.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+                row = tgt.execute("SELECT pg_replication_origin_progress(%s, false)::text", (s.slot_name,)).fetchone()
+                applied = lsn(row[0]) if row and row[0] else 0
+                if not applied:
+                    log("freeze: no replication origin on the target yet; freezing without waiting for a low lag")
+                    return None
+                lag = max(0, source - applied)
+                best = lag if best is None else min(best, lag)
+                if lag <= s.settle_lag_bytes:
+                    log(f"freeze: the target is {pretty_bytes(lag)} behind (at most {pretty_bytes(s.settle_lag_bytes)} "
+                        "wanted); freezing now")
+                    return lag
+                if time.monotonic() >= deadline:
+                    log(f"freeze: the target stayed more than {pretty_bytes(s.settle_lag_bytes)} behind for "
+                        f"{s.settle_timeout:.0f}s (lowest {pretty_bytes(best)}, now {pretty_bytes(lag)}); freezing "
+                        "anyway: the frozen window will be longer")
+                    return lag
+                time.sleep(SETTLE_POLL)
+    except StepError as exc:
+        log(f"freeze: cannot measure the lag ({exc}); freezing without waiting for a low lag")
+        return None
+
+
 def freeze(s: StepSettings) -> float:
     if s.mode == "rehearsal":
         raise StepError("freeze never runs in rehearsal mode: the readonly SQL is not for the production source")
     workdir = s.workdir()
+    settle(s)
     started = time.time()
     frozen_at = _run_sql_file(s, "readonly")
     state.update(workdir, frozen_at=frozen_at, unfrozen_at=None)

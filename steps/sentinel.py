@@ -1,7 +1,8 @@
 """pgcopydb's sentinel (SQLite in --dir since 0.15) and the lag it implies.
 
-`stream sentinel get --json` prints startpos in its endpos field (0.17 bug), so
-every value is read with its own single-value flag.
+Read straight from the SQLite catalog, read-only: `stream sentinel get --json`
+prints startpos in its endpos field (0.17 bug), and every pgcopydb call costs a
+process start. Writes (set endpos) still go through pgcopydb.
 """
 
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ class Sentinel:
     apply: bool
     endpos: int
     replay_lsn: int
+    startpos: int = 0
 
     @property
     def endpos_reached(self) -> bool:
@@ -53,35 +55,47 @@ def started(workdir: Path) -> bool:
         return False
 
 
-def _get(s, flag: str) -> str:
-    workdir = s.workdir()
-    proc = pgcopydb.run(s, "stream", "sentinel", "get", "--dir", str(workdir), flag, check=False)
-    if proc.returncode != 0:
-        raise StepError(f"cannot read pgcopydb's sentinel in {workdir}: {pgcopydb.last_error(proc.stderr)}")
-    return proc.stdout.strip().splitlines()[-1].strip()
+def _row(workdir: Path) -> tuple:
+    """The sentinel row, read from pgcopydb's SQLite catalog directly: a poll
+    costs a file read instead of starting pgcopydb (under bwrap locally), and
+    it reads every column at once, which `stream sentinel get --json` cannot
+    do correctly in 0.17 (it prints startpos as the endpos)."""
+    import sqlite3
+
+    try:
+        conn = pgcopydb.read_catalog(workdir, timeout=10)
+        try:
+            row = conn.execute("SELECT apply, endpos, replay_lsn, startpos FROM sentinel WHERE id = 1").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StepError(f"cannot read pgcopydb's sentinel in {pgcopydb.catalog_path(workdir)}: {exc}") from None
+    if row is None:
+        raise StepError(f"pgcopydb's sentinel in {pgcopydb.catalog_path(workdir)} has no row yet")
+    return row
+
+
+def _flag(value) -> bool:
+    return str(value).lower() in ("1", "true", "t", "on", "enabled")
 
 
 def read(s, strict: bool = True) -> Sentinel | None:
-    """None while pgcopydb has not created its catalogs yet. With strict=False,
-    any read error also gives None (a poller retries; pgcopydb may be mid-setup)."""
+    """None while pgcopydb has not created its catalogs and sentinel yet. With
+    strict=False, any read error also gives None (a poller retries)."""
     if not started(s.workdir()):
         return None
     try:
-        apply = _get(s, "--apply")
-        endpos, replay = _get(s, "--endpos"), _get(s, "--replay-lsn")
-    except StepError as exc:
-        if not strict or "returned 0 row" in str(exc):  # catalogs created, sentinel row not yet
+        apply, endpos, replay, startpos = _row(s.workdir())
+    except StepError:
+        if not strict:
             return None
         raise
-    return Sentinel(
-        apply=apply.lower() in ("enabled", "true", "on", "1"),
-        endpos=lsn(endpos),
-        replay_lsn=lsn(replay),
-    )
+    return Sentinel(apply=_flag(apply), endpos=lsn(endpos or ""), replay_lsn=lsn(replay or ""),
+                    startpos=lsn(startpos or ""))
 
 
 def replay_lsn(s) -> int:
-    return lsn(_get(s, "--replay-lsn"))
+    return lsn(_row(s.workdir())[2] or "")
 
 
 def source_lsn(source_uri: str) -> int:

@@ -27,6 +27,10 @@ class StepSettings(BaseSettings):
     lag_threshold_bytes: int = Field(1 * MiB, ge=0)
     catchup_timeout: float = Field(6 * 3600, gt=0)
     freeze_timeout: float = Field(60, gt=0)
+    # Before revoking writes, wait (writes still allowed) until the target is this
+    # close: what is in flight at the freeze is what the frozen window must drain.
+    settle_lag_bytes: int = Field(128 * 1024, ge=0)
+    settle_timeout: float = Field(20, ge=0)
     poll_interval: float = Field(2.0, gt=0)
     mode: Literal["upgrade", "rehearsal"] = "upgrade"
     keep_slot: bool = False
