@@ -340,11 +340,11 @@ def _bare_apply_enabled(workdir: Path) -> bool:
 
 
 def _lag(src_conn, tgt_conn, origin: str) -> int:
-    from steps.pg import lsn
+    from steps.pg import lsn, origin_progress
 
     cur = lsn(src_conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])
-    row = tgt_conn.execute("SELECT pg_replication_origin_progress(%s, false)::text", (origin,)).fetchone()
-    return max(0, cur - lsn(row[0])) if row and row[0] else -1
+    applied = origin_progress(tgt_conn, origin)
+    return max(0, cur - applied) if applied else -1
 
 
 PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"

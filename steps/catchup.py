@@ -16,7 +16,7 @@ from steps import sentinel, state
 from steps.errors import StepError
 from steps.follow import _progress
 from steps.log import log
-from steps.pg import connect, lsn, pretty_bytes
+from steps.pg import connect, origin_progress, pretty_bytes
 from steps.settings import StepSettings
 
 LOG_EVERY = 30.0
@@ -28,11 +28,9 @@ def applied_lsn(s: StepSettings) -> int:
 
     try:
         with connect(s.target(), "target") as conn:
-            row = conn.execute("SELECT pg_replication_origin_progress(%s, false)::text",
-                               (s.slot_name,)).fetchone()
+            return origin_progress(conn, s.slot_name)
     except (psycopg.Error, StepError):
         return 0
-    return lsn(row[0]) if row and row[0] else 0
 
 
 def measure_lag(s: StepSettings) -> int | None:

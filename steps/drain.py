@@ -61,7 +61,7 @@ import psycopg
 
 from steps import pgcopydb, sentinel, state
 from steps.log import log
-from steps.pg import connect, fmt_lsn, lsn
+from steps.pg import connect, fmt_lsn, lsn, origin_progress
 from steps.settings import StepSettings
 
 NUDGE_INTERVAL = 0.2
@@ -135,12 +135,6 @@ def prefetch_pids(sid: int) -> list[int]:
         if "follow prefetch" in title:
             pids.append(pid)
     return pids
-
-
-def origin_progress(conn: psycopg.Connection, origin: str) -> int:
-    """The target's durably applied source position (0 when unknown)."""
-    row = conn.execute("SELECT pg_replication_origin_progress(%s, true)::text", (origin,)).fetchone()
-    return lsn(row[0]) if row and row[0] else 0
 
 
 def endpos_requested(s: StepSettings, last_check: list[float]) -> int:
@@ -351,7 +345,7 @@ def _drain_to(s: StepSettings, sid: int, endpos: int, finished: threading.Event,
 def _gate(s: StepSettings, tgt, endpos: int, next_sentinel: float) -> tuple[bool, str]:
     if tgt is not None:
         try:
-            if origin_progress(tgt, s.slot_name) >= endpos:
+            if origin_progress(tgt, s.slot_name, flush=True) >= endpos:
                 return True, "target replication origin"
         except psycopg.Error:
             pass

@@ -226,7 +226,7 @@ def _follow(s: StepSettings, workdir) -> None:
             sys.stderr.write(line)
             if (" ERROR " in line or " FATAL " in line) and last_error is None:
                 last_error = pgcopydb.last_error(line)  # the first one: the cause, not the cascade
-            if "No space left on device" in line:
+            if "No space left on device" in line or "database or disk is full" in line:  # the latter: SQLite
                 disk_full = True
             if loop.feed(line):
                 log(f"follow: pgcopydb has applied everything before the endpos {loop.endpos_text} "

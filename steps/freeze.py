@@ -57,7 +57,7 @@ SETTLE_POLL = 0.05
 def settle(s: StepSettings) -> int | None:
     """Wait, writes still allowed, until the target's replication origin is within
     settle_lag_bytes of the source's WAL. Returns the lag frozen at (None if unknown)."""
-    from steps.pg import lsn, pretty_bytes
+    from steps.pg import lsn, origin_progress, pretty_bytes
 
     if s.settle_timeout <= 0:
         return None
@@ -67,8 +67,7 @@ def settle(s: StepSettings) -> int | None:
         with connect(s.source(), "source") as src, connect(s.target(), "target") as tgt:
             while True:
                 source = lsn(src.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
-                row = tgt.execute("SELECT pg_replication_origin_progress(%s, false)::text", (s.slot_name,)).fetchone()
-                applied = lsn(row[0]) if row and row[0] else 0
+                applied = origin_progress(tgt, s.slot_name)
                 if not applied:
                     log("freeze: no replication origin on the target yet; freezing without waiting for a low lag")
                     return None
@@ -84,8 +83,9 @@ def settle(s: StepSettings) -> int | None:
                         "anyway: the frozen window will be longer")
                     return lag
                 time.sleep(SETTLE_POLL)
-    except StepError as exc:
-        log(f"freeze: cannot measure the lag ({exc}); freezing without waiting for a low lag")
+    except (StepError, psycopg.Error) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log(f"freeze: cannot measure the lag ({first}); freezing without waiting for a low lag")
         return None
 
 

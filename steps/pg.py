@@ -78,6 +78,15 @@ def lsn(text: str | None) -> int:
     return (int(hi, 16) << 32) + int(lo or "0", 16)
 
 
+def origin_progress(conn: psycopg.Connection, origin: str, flush: bool = False) -> int:
+    """The source position a replication origin on this (target) server has
+    applied; with flush, only what is durably flushed. 0 when the origin does not
+    exist (yet, or any more): pg_replication_origin_progress() raises then."""
+    row = conn.execute("SELECT pg_replication_origin_progress(roname, %s)::text FROM pg_replication_origin "
+                       "WHERE roname = %s", (flush, origin)).fetchone()
+    return lsn(row[0]) if row and row[0] else 0
+
+
 def fmt_lsn(value: int) -> str:
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 

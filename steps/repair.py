@@ -210,7 +210,7 @@ def apply_start(s: StepSettings) -> int:
     """Where pgcopydb's apply resumes reading: the target's replication origin
     (it overrides the sentinel's replay_lsn), or the sentinel's replay_lsn when
     it is earlier. 0 when neither is known."""
-    from steps.pg import lsn
+    from steps.pg import lsn, origin_progress
 
     positions = []
     conn = sqlite3.connect(pgcopydb.catalog_path(s.workdir()), timeout=30)
@@ -221,9 +221,9 @@ def apply_start(s: StepSettings) -> int:
     if row and lsn(row[0]):
         positions.append(lsn(row[0]))
     with connect(s.target(), "target") as tgt:
-        origin = tgt.execute("SELECT pg_replication_origin_progress(%s, false)::text", (s.slot_name,)).fetchone()
-    if origin and lsn(origin[0]):
-        positions.append(lsn(origin[0]))
+        origin = origin_progress(tgt, s.slot_name)
+    if origin:
+        positions.append(origin)
     return min(positions) if positions else 0
 
 
@@ -281,6 +281,35 @@ def rewrite_sql_files(s: StepSettings) -> list[str]:
 
     return [f"rewrote {len(sources)} SQL file(s) from the JSON, from the apply's resume position {fmt_lsn(start)} "
             f"on ({', '.join(sorted(sources)) or 'none'}; {removed} stale SQL file(s) replaced)"]
+
+
+def remove_invalid_txn_metadata(workdir: Path) -> list[str]:
+    """pgcopydb's apply records the COMMIT LSN of a transaction split across two
+    CDC files in cdc/<xid>.json, to skip it when it is read again. After a
+    failure (measured after a full work volume, and once near an endpos) such a
+    file can hold commit_lsn 0/0, which the resumed apply cannot parse: it
+    stops ("Failed to parse metadata for transaction metadata file"), on every
+    re-run. Without the file the apply treats the transaction as continued and
+    its COMMIT LSN decides, as for any split transaction: removing it is safe."""
+    import json
+
+    cdc = workdir / "cdc"
+    if not cdc.is_dir():
+        return []
+    removed = []
+    for f in sorted(cdc.glob("*.json")):
+        xid = f.name.removesuffix(".json")
+        if not xid.isdigit() or len(xid) == 24:  # <xid>.json, never a WAL-named CDC file
+            continue
+        try:
+            commit_lsn = json.loads(f.read_text() or "{}").get("commit_lsn")
+        except (OSError, ValueError):
+            commit_lsn = None
+        if commit_lsn in (None, "", "0/0"):
+            f.unlink()
+            removed.append(f.name)
+    return [f"removed {len(removed)} transaction metadata file(s) without a COMMIT LSN ({', '.join(removed)})"] \
+        if removed else []
 
 
 def repair_catalog(workdir: Path) -> list[str]:
@@ -471,7 +500,8 @@ def prepare_resume(s: StepSettings) -> bool:
                         "is gone from the source (cleanup ran?), and with it the changes since the copy")
         return False
     fixes = (remove_pidfiles(workdir) + repair_cdc_files(workdir) + promote_partial_files(workdir)
-             + cut_open_transaction(workdir) + rewrite_sql_files(s) + repair_catalog(workdir))
+             + cut_open_transaction(workdir) + rewrite_sql_files(s) + remove_invalid_txn_metadata(workdir)
+             + repair_catalog(workdir))
     for line in fixes:
         log(f"follow: repair: {line}")
     if not fixes:

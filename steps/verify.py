@@ -434,8 +434,9 @@ def _wait(cond, stop: threading.Event, deadline: float, what: str) -> None:
 
 
 def _origin(tgt: psycopg.Connection, origin: str) -> int:
-    row = tgt.execute("SELECT pg_replication_origin_progress(%s, false)::text", (origin,)).fetchone()
-    return lsn(row[0]) if row and row[0] else 0
+    from steps.pg import origin_progress
+
+    return origin_progress(tgt, origin)
 
 
 def prepare(s: StepSettings, stop: threading.Event | None = None) -> dict | None:
