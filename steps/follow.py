@@ -10,7 +10,6 @@
 """
 
 import errno
-import json
 import os
 import re
 import signal
@@ -25,16 +24,29 @@ from steps.log import log
 from steps.settings import StepSettings
 
 PROGRESS_INTERVAL = 10.0
+RECONNECT_RESUMES = 3
+RECONNECTING = "Streaming got interrupted at"  # pgcopydb's receiver, before it reconnects
 
 
 def _progress(s) -> tuple[int, int] | None:
-    proc = pgcopydb.run(s, "list", "progress", "--dir", str(s.workdir()), "--json", check=False, timeout=30)
+    """(tables and indexes done, total), read from pgcopydb's catalog read-only.
+    Not `pgcopydb list progress`: a process that opens the catalog for writing
+    while the copy's workers record their work in it."""
+    import sqlite3
+
     try:
-        data = json.loads(proc.stdout)
-    except ValueError:
+        conn = pgcopydb.read_catalog(s.workdir())
+        try:
+            done = conn.execute(
+                "SELECT (SELECT count(DISTINCT tableoid) FROM summary WHERE tableoid IS NOT NULL AND indexoid IS NULL "
+                "        AND conoid IS NULL AND done_time_epoch IS NOT NULL)"
+                "     + (SELECT count(DISTINCT indexoid) FROM summary WHERE indexoid IS NOT NULL "
+                "        AND done_time_epoch IS NOT NULL)").fetchone()[0]
+            total = conn.execute("SELECT (SELECT count(*) FROM s_table) + (SELECT count(*) FROM s_index)").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
         return None
-    done = data["tables"]["done"] + data["indexes"]["done"]
-    total = data["tables"]["total"] + data["indexes"]["total"]
     return done, total
 
 
@@ -193,6 +205,25 @@ def _follow(s: StepSettings, workdir) -> None:
         prepare = getattr(drain, "prepare_source", None)  # the heartbeat table, before the snapshot
         if prepare is not None:
             prepare(s)
+    for attempt in range(RECONNECT_RESUMES + 1):
+        outcome = _run_pgcopydb(s, workdir, resume)
+        if outcome != "reconnect":
+            return
+        if attempt == RECONNECT_RESUMES:
+            break
+        from steps import repair
+
+        log("follow: resuming after the lost replication connection (repair, then pgcopydb --resume)")
+        resume = repair.prepare_resume(s)
+    error = (f"follow: pgcopydb lost its replication connection {RECONNECT_RESUMES + 1} times; check the source "
+             "(wal_sender_timeout, restarts, network), then run the follow step again (it resumes)")
+    _record_failure(workdir, error)
+    raise StepError(error)
+
+
+def _run_pgcopydb(s: StepSettings, workdir, resume: bool) -> str:
+    """One pgcopydb run. Returns "done", or "reconnect" when pgcopydb was
+    stopped because its receiver lost the replication connection."""
     env = pgcopydb.environment(s)
     argv = command_line(s, resume)
     log(f"follow: {'resuming the interrupted run' if resume else 'starting the copy'} in {workdir} "
@@ -206,6 +237,7 @@ def _follow(s: StepSettings, workdir) -> None:
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     stopping = threading.Event()
+    reconnect = threading.Event()
 
     def forward(signum, _frame):
         stopping.set()
@@ -228,6 +260,16 @@ def _follow(s: StepSettings, workdir) -> None:
                 last_error = pgcopydb.last_error(line)  # the first one: the cause, not the cascade
             if "No space left on device" in line or "database or disk is full" in line:  # the latter: SQLite
                 disk_full = True
+            if RECONNECTING in line and not stopping.is_set() and not reconnect.is_set():
+                # pgcopydb 0.17 would reconnect in-process and stream again from the
+                # slot's confirmed position into a live apply that has passed it:
+                # the same transactions applied twice (measured: "duplicate key"
+                # after a walsender timeout while the apply was behind). A resume
+                # starts the apply at the target's origin instead.
+                reconnect.set()
+                log("follow: pgcopydb lost its replication connection and would reconnect in-process, "
+                    "which re-applies changes (pgcopydb 0.17); stopping it to resume cleanly")
+                signal_session(proc.pid, signal.SIGTERM)
             if loop.feed(line):
                 log(f"follow: pgcopydb has applied everything before the endpos {loop.endpos_text} "
                     f"(up to {loop.at_text}, the last change before it) but "
@@ -257,7 +299,9 @@ def _follow(s: StepSettings, workdir) -> None:
             reset_sequences(s)
         state.update(workdir, follow_done_at=state.now())
         log(f"follow: done, replay_lsn reached endpos (pgcopydb exit {rc}); target sequences were reset")
-        return
+        return "done"
+    if reconnect.is_set() and not stopping.is_set():
+        return "reconnect"
     why = "stopped by a signal" if stopping.is_set() else f"pgcopydb exited {rc}"
     if disk_full:
         why += (f" because the work volume {workdir} is full (No space left on device): enlarge it, then run "

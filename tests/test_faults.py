@@ -594,3 +594,37 @@ def test_work_volume_full(pair, dbs, tmp_path, small_volume):
     finally:
         r.close()
     assert slot_count(r.src_db, r.slot) == 0
+
+
+def test_replication_connection_lost_while_apply_behind(pair, dbs, tmp_path):
+    """Fault 4, the walsender side: the source ends pgcopydb's replication
+    connection (wal_sender_timeout, a restart, the network) while its apply is
+    behind its receiver. pgcopydb 0.17 would reconnect in-process and stream
+    again from the slot into a live apply that is past that point (measured in
+    the 5 GB bench: "duplicate key" after a walsender timeout); follow stops it
+    and resumes from the target's replication origin instead. Exact."""
+    r = Run(pair, dbs, tmp_path, "fault_reconnect")
+    try:
+        r.writer = workload.Writer(workload.app_uri(r.src_db), rate=150, threads=3).start()
+        r.start_follow()
+        catchup.wait_caught_up(r.s)
+        time.sleep(1)
+        blocker = psycopg.connect(r.tgt_db)  # the apply waits on this lock; the receiver runs on
+        blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
+            sql.Identifier(workload.SCHEMA, "orders")))
+        time.sleep(2)
+        with psycopg.connect(pair.source.uri(), autocommit=True) as conn:
+            ended = conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                                 "WHERE slot_name = %s AND active_pid IS NOT NULL", (r.slot,)).fetchall()
+        assert ended == [(True,)], ended
+        time.sleep(0.5)
+        blocker.close()
+        wait_log(r, "lost its replication connection")
+        wait_log(r, "resuming after the lost replication connection")
+        assert r.follow.poll() is None, r.follow_log()[-3000:]
+        report = r.cut_over()
+        print(f"\nfault 4b: walsender ended with the apply behind; follow stopped pgcopydb and resumed in-process; "
+              f"{sum(t.source_rows for t in report.tables)} rows exact")
+    finally:
+        r.close()
+    assert slot_count(r.src_db, r.slot) == 0
