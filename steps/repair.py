@@ -58,19 +58,15 @@ USER_SCHEMAS = ("n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgcopydb
 
 def copy_finished(workdir: Path) -> bool:
     """pgcopydb's own record: the sentinel's apply flag is set after the whole copy."""
-    db = pgcopydb.catalog_path(workdir)
-    if not db.exists():
+    from steps import sentinel
+
+    if not pgcopydb.catalog_path(workdir).exists():
         return False
     try:
-        conn = sqlite3.connect(db, timeout=10)
-        try:
-            row = conn.execute("SELECT apply FROM sentinel WHERE id = 1").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        log(f"follow: cannot read pgcopydb's catalog {db} ({exc}); treating the copy as unfinished")
+        return sentinel.is_on(sentinel.row(workdir)[0])
+    except StepError as exc:
+        log(f"follow: {exc}; treating the copy as unfinished")
         return False
-    return bool(row) and str(row[0]).lower() in ("1", "true", "t", "on")
 
 
 def wait_slot_released(s: StepSettings) -> bool:
@@ -212,14 +208,12 @@ def apply_start(s: StepSettings) -> int:
     it is earlier. 0 when neither is known."""
     from steps.pg import lsn, origin_progress
 
+    from steps import sentinel
+
     positions = []
-    conn = sqlite3.connect(pgcopydb.catalog_path(s.workdir()), timeout=30)
-    try:
-        row = conn.execute("SELECT replay_lsn FROM sentinel WHERE id = 1").fetchone()
-    finally:
-        conn.close()
-    if row and lsn(row[0]):
-        positions.append(lsn(row[0]))
+    replay = lsn(sentinel.row(s.workdir())[2])
+    if replay:
+        positions.append(replay)
     with connect(s.target(), "target") as tgt:
         origin = origin_progress(tgt, s.slot_name)
     if origin:

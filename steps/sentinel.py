@@ -55,11 +55,12 @@ def started(workdir: Path) -> bool:
         return False
 
 
-def _row(workdir: Path) -> tuple:
-    """The sentinel row, read from pgcopydb's SQLite catalog directly: a poll
-    costs a file read instead of starting pgcopydb (under bwrap locally), and
-    it reads every column at once, which `stream sentinel get --json` cannot
-    do correctly in 0.17 (it prints startpos as the endpos)."""
+def row(workdir: Path) -> tuple:
+    """(apply, endpos, replay_lsn, startpos) as stored, read from pgcopydb's
+    SQLite catalog directly: a poll costs a file read instead of starting
+    pgcopydb (under bwrap locally), and it reads every column at once, which
+    `stream sentinel get --json` cannot do correctly in 0.17 (it prints
+    startpos as the endpos)."""
     import sqlite3
 
     try:
@@ -75,7 +76,8 @@ def _row(workdir: Path) -> tuple:
     return row
 
 
-def _flag(value) -> bool:
+def is_on(value) -> bool:
+    """pgcopydb's boolean columns, as SQLite or `sentinel get` print them."""
     return str(value).lower() in ("1", "true", "t", "on", "enabled")
 
 
@@ -85,17 +87,17 @@ def read(s, strict: bool = True) -> Sentinel | None:
     if not started(s.workdir()):
         return None
     try:
-        apply, endpos, replay, startpos = _row(s.workdir())
+        apply, endpos, replay, startpos = row(s.workdir())
     except StepError:
         if not strict:
             return None
         raise
-    return Sentinel(apply=_flag(apply), endpos=lsn(endpos or ""), replay_lsn=lsn(replay or ""),
+    return Sentinel(apply=is_on(apply), endpos=lsn(endpos or ""), replay_lsn=lsn(replay or ""),
                     startpos=lsn(startpos or ""))
 
 
 def replay_lsn(s) -> int:
-    return lsn(_row(s.workdir())[2] or "")
+    return lsn(row(s.workdir())[2] or "")
 
 
 def source_lsn(source_uri: str) -> int:

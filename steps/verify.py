@@ -472,7 +472,8 @@ def prepare(s: StepSettings, stop: threading.Event | None = None) -> dict | None
         work = [(sch, tbl, label, specs.get(label), None) for sch, tbl, label in tables]
         src_sums, tgt_sums = _both_sums(s, work, (xid_src, xid_tgt), deadline, stop)
     except InterruptedError:
-        log("verify-prepare: the freeze came first; verify will compare everything")
+        log("verify-prepare: stopped before it finished (the freeze came first, or follow is restarting pgcopydb "
+            "and prepares again); without a finished preparation verify compares everything")
         _teardown(s)
         return None
     except Exception:

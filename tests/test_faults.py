@@ -88,6 +88,12 @@ class Run:
         self.follow_retries = 0
 
     # -- the follow step -------------------------------------------------
+    def start_caught_up(self, rate: int, threads: int) -> None:
+        """The application writing, follow started, and caught up."""
+        self.writer = workload.Writer(workload.app_uri(self.src_db), rate=rate, threads=threads).start()
+        self.start_follow()
+        catchup.wait_caught_up(self.s)
+
     def start_follow(self) -> subprocess.Popen:
         n = len(self.logs) + 1
         self._log = open(self.tmp / f"follow{n}.log", "w")
@@ -292,9 +298,7 @@ def test_sigterm_then_sigkill_during_follow_resume_streaming(pair, dbs, tmp_path
     message, then a re-run repairs and resumes. Nothing lost, nothing applied twice."""
     r = Run(pair, dbs, tmp_path, "fault_follow")
     try:
-        r.writer = workload.Writer(workload.app_uri(r.src_db), rate=150, threads=3).start()
-        r.start_follow()
-        catchup.wait_caught_up(r.s)
+        r.start_caught_up(rate=150, threads=3)
         time.sleep(1.5)
         # Fault 3: SIGTERM to the step only, as the kubelet sends it to the container's pid 1.
         sid = r.pgcopydb_sid()
@@ -372,9 +376,7 @@ def test_abort_after_approval_wait(pair, dbs, tmp_path):
     cleanup. The source stays writable, no slot, the target is left as it was."""
     r = Run(pair, dbs, tmp_path, "fault_abort")
     try:
-        r.writer = workload.Writer(workload.app_uri(r.src_db), rate=100, threads=2).start()
-        r.start_follow()
-        catchup.wait_caught_up(r.s)
+        r.start_caught_up(rate=100, threads=2)
         finish.finish(r.s)
         assert r.wait_follow() == 0, r.follow_log()[-3000:]
         proc = subprocess.run([DB_UPGRADE, "step", "cleanup"], env=r.env, capture_output=True, text=True)
@@ -507,9 +509,7 @@ def test_server_restarts_during_follow(pair, dbs, tmp_path):
     r = Run(pair, dbs, tmp_path, "fault_restarts")
     notes = []
     try:
-        r.writer = workload.Writer(workload.app_uri(r.src_db), rate=100, threads=2).start()
-        r.start_follow()
-        catchup.wait_caught_up(r.s)
+        r.start_caught_up(rate=100, threads=2)
         time.sleep(1)
         pair.source.restart()
         time.sleep(1)
@@ -566,9 +566,7 @@ def test_work_volume_full(pair, dbs, tmp_path, small_volume):
     r.env["DB_UPGRADE_DIR"] = str(r.workdir)
     r.s = r.s.model_copy(update={"dir": r.workdir})
     try:
-        r.writer = workload.Writer(workload.app_uri(r.src_db), rate=200, threads=3).start()
-        r.start_follow()
-        catchup.wait_caught_up(r.s)
+        r.start_caught_up(rate=200, threads=3)
         filler = small_volume / "filler"
         free = os.statvfs(small_volume).f_bavail * os.statvfs(small_volume).f_frsize
         try:
@@ -605,9 +603,7 @@ def test_replication_connection_lost_while_apply_behind(pair, dbs, tmp_path):
     and resumes from the target's replication origin instead. Exact."""
     r = Run(pair, dbs, tmp_path, "fault_reconnect")
     try:
-        r.writer = workload.Writer(workload.app_uri(r.src_db), rate=150, threads=3).start()
-        r.start_follow()
-        catchup.wait_caught_up(r.s)
+        r.start_caught_up(rate=150, threads=3)
         time.sleep(1)
         blocker = psycopg.connect(r.tgt_db)  # the apply waits on this lock; the receiver runs on
         blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
