@@ -182,16 +182,17 @@ def run_step(name: str, env: dict, logfile: Path, timeout: float = 1800) -> floa
 
 # --- scenarios ---------------------------------------------------------------------------------------
 
-def cutover_run(pair, base, size, rate, variant, tag, jobs) -> dict:
+def cutover_run(pair, base, size, rate, variant, tag, jobs, keyed_only=False) -> dict:
     from steps import catchup, finish, freeze
     from steps import verify as verify_mod
 
     name, src, tgt, s, env, flog = prepare(pair, base, size, "c", tag, jobs, variant)
     workdir = s.workdir()
-    writer = workload.Writer(workload.app_uri(src), rate=rate, threads=4 if rate > 200 else 2).start()
+    writer = workload.Writer(workload.app_uri(src), rate=rate, threads=4 if rate > 200 else 2,
+                             keyless_changes=not keyed_only).start()
     follow = start_follow(env, flog)
     mon = Monitor(follow.pid)
-    out = {"size": data.pretty(size), "rate": rate, "variant": variant}
+    out = {"size": data.pretty(size), "rate": rate, "variant": variant + (", keyed writes only" if keyed_only else "")}
     try:
         t0 = time.time()
         catchup.wait_caught_up(s)
@@ -505,6 +506,8 @@ def main() -> None:
     ap.add_argument("--jobs", default="4,4", help="pgcopydb table,index jobs")
     ap.add_argument("--alt-jobs", default="", help="also bare pgcopydb with these table,index jobs (;-separated)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 100MB, 1 run, rate 100")
+    ap.add_argument("--keyed-only", action="store_true",
+                    help="cutover writer: no UPDATE/DELETE on the table without a primary key (inserts only)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     ap.add_argument("--base", default=None, help="directory for the servers (default: a new temp dir)")
     a = ap.parse_args()
@@ -535,7 +538,8 @@ def main() -> None:
                     for rate in rates:
                         for variant in a.variants.split(","):
                             n += 1
-                            results["cutover"].append(cutover_run(pair, base, size, rate, variant, f"{n}", jobs))
+                            results["cutover"].append(cutover_run(pair, base, size, rate, variant, f"{n}", jobs,
+                                                                  keyed_only=a.keyed_only))
                 Path(a.out).write_text(json.dumps(results, indent=1))
         if "apply" in only:
             ar = [int(x) for x in a.apply_rates.split(",")]

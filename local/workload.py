@@ -153,10 +153,13 @@ class WriterStats:
 class Writer:
     """Threads inserting, updating and deleting at a steady rate as the app role."""
 
-    def __init__(self, uri: str, rate: float = 50, threads: int = 2, seed: int = 7):
+    def __init__(self, uri: str, rate: float = 50, threads: int = 2, seed: int = 7, keyless_changes: bool = True):
         self.uri = uri
         self.rate = rate
         self.threads = threads
+        # False: only INSERTs on the table without a primary key (its UPDATE and
+        # DELETE cost the apply a scan of the whole table on the target).
+        self.keyless_changes = keyless_changes
         self.stats = WriterStats()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -247,7 +250,7 @@ class Writer:
             elif op < 0.85:
                 conn.execute(sql.SQL("INSERT INTO {}.events (at, kind, payload) VALUES (now(), 'live', %s)").format(s),
                              (Jsonb({"r": rng.random()}),))
-            elif op < 0.93:
+            elif op < 0.93 or not self.keyless_changes:
                 conn.execute(sql.SQL("INSERT INTO {}.{} (actor, detail) VALUES ('writer', %s)").format(s, a),
                              (f"d{rng.getrandbits(32)}",))
             elif op < 0.97:

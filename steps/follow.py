@@ -300,7 +300,7 @@ def _run_pgcopydb(s: StepSettings, workdir, resume: bool) -> str:
         state.update(workdir, follow_done_at=state.now())
         log(f"follow: done, replay_lsn reached endpos (pgcopydb exit {rc}); target sequences were reset")
         return "done"
-    if reconnect.is_set() and not stopping.is_set():
+    if reconnect.is_set() and not stopping.is_set() and not disk_full:
         return "reconnect"
     why = "stopped by a signal" if stopping.is_set() else f"pgcopydb exited {rc}"
     if disk_full:

@@ -269,6 +269,10 @@ def rewrite_sql_files(s: StepSettings) -> list[str]:
         proc = pgcopydb.run(s, "stream", "transform", "--dir", str(workdir), str(src), str(cdc / f"{name}.sql"),
                             check=False, timeout=1800)
         if proc.returncode != 0:
+            if "No space left on device" in proc.stderr:
+                raise StepError(f"follow: cannot rewrite {name}.sql from {src.name} for the resume: the work volume "
+                                f"{workdir} is full (No space left on device): enlarge it, then run the follow step "
+                                "again (it resumes)")
             raise StepError(f"follow: cannot rewrite {name}.sql from {src.name} for the resume: "
                             f"{pgcopydb.last_error(proc.stderr)}; keep the work volume and run follow again")
     from steps.pg import fmt_lsn

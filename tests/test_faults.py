@@ -609,9 +609,13 @@ def test_replication_connection_lost_while_apply_behind(pair, dbs, tmp_path):
         blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
             sql.Identifier(workload.SCHEMA, "orders")))
         time.sleep(2)
+        deadline = time.monotonic() + 20
         with psycopg.connect(pair.source.uri(), autocommit=True) as conn:
-            ended = conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                                 "WHERE slot_name = %s AND active_pid IS NOT NULL", (r.slot,)).fetchall()
+            # pgcopydb's receiver may be between connections (a mode switch): wait for it.
+            while not (ended := conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                                             "WHERE slot_name = %s AND active_pid IS NOT NULL", (r.slot,)).fetchall()):
+                assert time.monotonic() < deadline, r.follow_log()[-3000:]
+                time.sleep(0.1)
         assert ended == [(True,)], ended
         time.sleep(0.5)
         blocker.close()
