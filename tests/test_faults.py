@@ -604,21 +604,26 @@ def test_replication_connection_lost_while_apply_behind(pair, dbs, tmp_path):
     r = Run(pair, dbs, tmp_path, "fault_reconnect")
     try:
         r.start_caught_up(rate=150, threads=3)
+        # Live replay (receiver streaming into the apply): in catch-up mode a held-up
+        # apply makes pgcopydb stop its receiver, and there is no connection to lose.
+        wait_log(r, "Restarting logical decoding follower in replay mode")
         time.sleep(1)
         blocker = psycopg.connect(r.tgt_db)  # the apply waits on this lock; the receiver runs on
-        blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
-            sql.Identifier(workload.SCHEMA, "orders")))
-        time.sleep(2)
-        deadline = time.monotonic() + 20
-        with psycopg.connect(pair.source.uri(), autocommit=True) as conn:
-            # pgcopydb's receiver may be between connections (a mode switch): wait for it.
-            while not (ended := conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                                             "WHERE slot_name = %s AND active_pid IS NOT NULL", (r.slot,)).fetchall()):
-                assert time.monotonic() < deadline, r.follow_log()[-3000:]
-                time.sleep(0.1)
-        assert ended == [(True,)], ended
-        time.sleep(0.5)
-        blocker.close()
+        try:
+            blocker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
+                sql.Identifier(workload.SCHEMA, "orders")))
+            time.sleep(2)
+            deadline = time.monotonic() + 20
+            with psycopg.connect(pair.source.uri(), autocommit=True) as conn:
+                while not (ended := conn.execute(
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                        "WHERE slot_name = %s AND active_pid IS NOT NULL", (r.slot,)).fetchall()):
+                    assert time.monotonic() < deadline, r.follow_log()[-3000:]
+                    time.sleep(0.1)
+            assert ended == [(True,)], ended
+            time.sleep(0.5)
+        finally:
+            blocker.close()  # never leave the apply (or cleanup) waiting on it
         wait_log(r, "lost its replication connection")
         wait_log(r, "resuming after the lost replication connection")
         assert r.follow.poll() is None, r.follow_log()[-3000:]
