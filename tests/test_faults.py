@@ -219,6 +219,14 @@ class Run:
         assert report.ok
         return report
 
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, *_exc) -> None:
+        self.close()
+        if exc_type is None:
+            assert slot_count(self.src_db, self.slot) == 0, f"replication slot {self.slot!r} left on the source"
+
     def close(self) -> None:
         if self.writer:
             self.writer.stop()
@@ -241,8 +249,7 @@ class Run:
 def test_sigkill_during_initial_copy_restarts_the_copy(pair, dbs, tmp_path):
     """Fault 1: the whole tree SIGKILLed mid-copy; the re-run starts the copy over
     (a resume would replay changes onto tables copied with a newer snapshot)."""
-    r = Run(pair, dbs, tmp_path, "fault_kill_copy", size=FAULT_SIZE)
-    try:
+    with Run(pair, dbs, tmp_path, "fault_kill_copy", size=FAULT_SIZE) as r:
         r.writer = workload.Writer(workload.app_uri(r.src_db), rate=100, threads=2).start()
         t0 = time.monotonic()
         r.start_follow()
@@ -266,9 +273,6 @@ def test_sigkill_during_initial_copy_restarts_the_copy(pair, dbs, tmp_path):
         print(f"\nfault 1: load {r.load_seconds:.1f}s, killed after {t_kill:.1f}s ({done} tables done, "
               f"{busy} in progress); restart to verified {time.monotonic() - t1:.1f}s; {rows} rows exact; "
               f"{r.writer.stats.ok} writes")
-    finally:
-        r.close()
-    assert slot_count(r.src_db, r.slot) == 0
 
 
 def tear_latest_json(workdir: Path) -> str:
@@ -296,8 +300,7 @@ def test_sigterm_then_sigkill_during_follow_resume_streaming(pair, dbs, tmp_path
     """Faults 3 and 2 after the copy: SIGTERM (as Kubernetes stops a pod) makes the
     step fail and a re-run resume; SIGKILL of the whole tree with a torn CDC
     message, then a re-run repairs and resumes. Nothing lost, nothing applied twice."""
-    r = Run(pair, dbs, tmp_path, "fault_follow")
-    try:
+    with Run(pair, dbs, tmp_path, "fault_follow") as r:
         r.start_caught_up(rate=150, threads=3)
         time.sleep(1.5)
         # Fault 3: SIGTERM to the step only, as the kubelet sends it to the container's pid 1.
@@ -329,16 +332,12 @@ def test_sigterm_then_sigkill_during_follow_resume_streaming(pair, dbs, tmp_path
         rows = sum(t.source_rows for t in report.tables)
         print(f"\nfaults 2+3: SIGTERM -> step exit {rc} in {t_term:.1f}s; SIGKILL + torn {torn} repaired; "
               f"{rows} rows exact, {r.writer.stats.ok} writes during the run")
-    finally:
-        r.close()
-    assert slot_count(r.src_db, r.slot) == 0
 
 
 def test_finish_before_catch_up_and_twice(pair, dbs, tmp_path):
     """Fault 5: finish while the initial copy still runs is allowed: follow applies
     up to that endpos and stops; a second finish keeps the first endpos."""
-    r = Run(pair, dbs, tmp_path, "fault_early_finish")
-    try:
+    with Run(pair, dbs, tmp_path, "fault_early_finish") as r:
         r.writer = workload.Writer(workload.app_uri(r.src_db), rate=100, threads=2).start()
         r.start_follow()
         deadline = time.monotonic() + 60
@@ -366,16 +365,12 @@ def test_finish_before_catch_up_and_twice(pair, dbs, tmp_path):
         assert report.ok
         assert table_digests(r.src_db) == table_digests(r.tgt_db)
         print(f"\nfault 5: finish during the copy; {sum(t.source_rows for t in report.tables)} rows exact")
-    finally:
-        r.close()
-    assert slot_count(r.src_db, r.slot) == 0
 
 
 def test_abort_after_approval_wait(pair, dbs, tmp_path):
     """Fault 6: the approval is refused (or times out): finish without freeze, then
     cleanup. The source stays writable, no slot, the target is left as it was."""
-    r = Run(pair, dbs, tmp_path, "fault_abort")
-    try:
+    with Run(pair, dbs, tmp_path, "fault_abort") as r:
         r.start_caught_up(rate=100, threads=2)
         finish.finish(r.s)
         assert r.wait_follow() == 0, r.follow_log()[-3000:]
@@ -394,15 +389,12 @@ def test_abort_after_approval_wait(pair, dbs, tmp_path):
                                    (r.slot,)).fetchone()[0]
         assert n >= workload.SIZES["small"] and origins == 0
         print(f"\nfault 6: aborted; source writable ({stats.ok} writes, none refused), target kept ({n} customers)")
-    finally:
-        r.close()
 
 
 def test_failure_after_freeze_unfreezes(pair, dbs, tmp_path):
     """Fault 7: verify fails after the freeze; the failure path's unfreeze gives
     the application role its writes back."""
-    r = Run(pair, dbs, tmp_path, "fault_after_freeze")
-    try:
+    with Run(pair, dbs, tmp_path, "fault_after_freeze") as r:
         r.start_follow()
         catchup.wait_caught_up(r.s)
         freeze.freeze(r.s)
@@ -421,18 +413,14 @@ def test_failure_after_freeze_unfreezes(pair, dbs, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert app_can_write(r.src_db)
         print(f"\nfault 7: {errors[0]}; unfreeze restored writes")
-    finally:
-        r.close()
-    assert slot_count(r.src_db, r.slot) == 0
 
 
 def test_long_transaction_at_freeze(pair, dbs, tmp_path):
     """Fault 9: a transaction open since before the freeze. Left open, freeze times
     out with a clear message and restores writes; committed during the wait, freeze
     waits for it and its row reaches the target."""
-    r = Run(pair, dbs, tmp_path, "fault_long_txn", DB_UPGRADE_FREEZE_TIMEOUT=2)
-    audit = sql.Identifier(workload.SCHEMA, workload.AUDIT)
-    try:
+    with Run(pair, dbs, tmp_path, "fault_long_txn", DB_UPGRADE_FREEZE_TIMEOUT=2) as r:
+        audit = sql.Identifier(workload.SCHEMA, workload.AUDIT)
         r.start_follow()
         catchup.wait_caught_up(r.s)
         long = psycopg.connect(workload.app_uri(r.src_db))
@@ -464,9 +452,6 @@ def test_long_transaction_at_freeze(pair, dbs, tmp_path):
         assert table_digests(r.src_db) == table_digests(r.tgt_db)
         print(f"\nfault 9: freeze timed out after {waited:.1f}s (writes restored); "
               f"second freeze waited {waited2:.1f}s for the commit; the row is on the target")
-    finally:
-        r.close()
-    assert slot_count(r.src_db, r.slot) == 0
 
 
 def test_endpos_loop_detector():
@@ -506,9 +491,8 @@ def restart_follow_if_it_died(r: Run, what: str) -> str:
 
 def test_server_restarts_during_follow(pair, dbs, tmp_path):
     """Fault 4: the source restarts during follow, then the target during apply."""
-    r = Run(pair, dbs, tmp_path, "fault_restarts")
-    notes = []
-    try:
+    with Run(pair, dbs, tmp_path, "fault_restarts") as r:
+        notes = []
         r.start_caught_up(rate=100, threads=2)
         time.sleep(1)
         pair.source.restart()
@@ -540,9 +524,6 @@ def test_server_restarts_during_follow(pair, dbs, tmp_path):
         print(f"\nfault 4: {'; '.join(notes)}; {files} SQL files rewritten on resume; "
               f"{sum(t.source_rows for t in report.tables)} rows exact, "
               f"{r.writer.stats.ok} writes ({r.writer.stats.refused} failed during restarts/freeze)")
-    finally:
-        r.close()
-    assert slot_count(r.src_db, r.slot) == 0
 
 
 @pytest.fixture
@@ -561,11 +542,10 @@ def test_work_volume_full(pair, dbs, tmp_path, small_volume):
     """Fault 8: the work volume fills up during follow: the step fails with a line
     saying so, cleanup with keep-slot keeps the slot; once there is room again a
     re-run repairs what ENOSPC left (a torn CDC line) and resumes; exact."""
-    r = Run(pair, dbs, tmp_path, "fault_disk_full")
-    r.workdir = small_volume / "work"
-    r.env["DB_UPGRADE_DIR"] = str(r.workdir)
-    r.s = r.s.model_copy(update={"dir": r.workdir})
-    try:
+    with Run(pair, dbs, tmp_path, "fault_disk_full") as r:
+        r.workdir = small_volume / "work"
+        r.env["DB_UPGRADE_DIR"] = str(r.workdir)
+        r.s = r.s.model_copy(update={"dir": r.workdir})
         r.start_caught_up(rate=200, threads=3)
         filler = small_volume / "filler"
         free = os.statvfs(small_volume).f_bavail * os.statvfs(small_volume).f_frsize
@@ -589,9 +569,6 @@ def test_work_volume_full(pair, dbs, tmp_path, small_volume):
         report = r.cut_over()
         print(f"\nfault 8: {errors[0][:200]}; after freeing space: resumed, "
               f"{sum(t.source_rows for t in report.tables)} rows exact")
-    finally:
-        r.close()
-    assert slot_count(r.src_db, r.slot) == 0
 
 
 def test_replication_connection_lost_while_apply_behind(pair, dbs, tmp_path):
@@ -601,8 +578,7 @@ def test_replication_connection_lost_while_apply_behind(pair, dbs, tmp_path):
     again from the slot into a live apply that is past that point (measured in
     the 5 GB bench: "duplicate key" after a walsender timeout); follow stops it
     and resumes from the target's replication origin instead. Exact."""
-    r = Run(pair, dbs, tmp_path, "fault_reconnect")
-    try:
+    with Run(pair, dbs, tmp_path, "fault_reconnect") as r:
         r.start_caught_up(rate=150, threads=3)
         # Live replay (receiver streaming into the apply): in catch-up mode a held-up
         # apply makes pgcopydb stop its receiver, and there is no connection to lose.
@@ -630,6 +606,3 @@ def test_replication_connection_lost_while_apply_behind(pair, dbs, tmp_path):
         report = r.cut_over()
         print(f"\nfault 4b: walsender ended with the apply behind; follow stopped pgcopydb and resumed in-process; "
               f"{sum(t.source_rows for t in report.tables)} rows exact")
-    finally:
-        r.close()
-    assert slot_count(r.src_db, r.slot) == 0
