@@ -60,7 +60,7 @@ def db_upgrade_argv() -> list[str]:
     exe = Path(sys.executable).parent / "db-upgrade"
     if exe.exists():
         return [str(exe)]
-    return [sys.executable, "-c", "from workflows.cli import main; main()"]
+    return [sys.executable, "-c", "from cli.main import main; main()"]
 
 
 # --- The template --------------------------------------------------------------------

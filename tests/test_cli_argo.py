@@ -16,9 +16,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from tests.fake_argo import NS, FakeArgo, assert_valid, load_environment, node, status, write_environment
-from workflows import argo_client as ac
-from workflows import cli_argo
+from tests.fakes.argo import NS, FakeArgo, assert_valid, load_environment, node, status, write_environment
+from cli import argo_client as ac
+from cli import argo as cli_argo
 
 TOKEN = "tok-MARKER-5f1e9c"  # must never show up in any output
 WF = "db-upgrade-prod-x7k2q"
@@ -349,7 +349,7 @@ def test_server_lint_reports_the_verdict_and_transport_errors_as_problem_lines(f
 
 def test_lint_server_through_the_cli(fake, env_file, template):
     """`db-upgrade lint --server` (cli_manifests' lint, calling argo_client.server_problems)."""
-    from workflows.cli import app
+    from cli.main import app
 
     name = template["metadata"]["name"]
     result = CliRunner().invoke(app, ["lint", "--server", "--config", str(env_file)], env=server_env(fake))
@@ -363,7 +363,7 @@ def test_lint_server_through_the_cli(fake, env_file, template):
 
 
 def test_commands_are_registered_on_the_real_entry_point():
-    from workflows.cli import app
+    from cli.main import app
 
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
     assert {"submit", "approve", "abort", "status", "lint"} <= names

@@ -9,8 +9,8 @@ import pytest
 from hera.workflows import CronWorkflow
 from hera.workflows.models import WorkflowTemplateRef
 
-from tests.fake_argo import assert_valid, load_environment, write_environment
-from workflows import argo_client as ac
+from tests.fakes.argo import assert_valid, load_environment, write_environment
+from cli import argo_client as ac
 from workflows.rehearsal import ARGUMENTS, DEFAULT_SCHEDULE, build_rehearsal, check_rehearsal
 
 

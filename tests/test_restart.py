@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.fake_kube import FakeKube
+from tests.fakes.kube import FakeKube
 from steps import restart as r
 from steps.errors import StepError
 

@@ -15,7 +15,8 @@ import yaml
 from typer.testing import CliRunner
 
 from tests.test_workflow_helpers import BASE, ROOT, write_config
-from workflows import cli_manifests, render
+from cli import manifests as cli_manifests
+from workflows import render
 from workflows.config import load_config
 
 CONFIG = Path("environments/example.yaml")  # as `make render` names it: it is in each file's header

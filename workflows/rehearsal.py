@@ -32,7 +32,7 @@ def _setting(config: Any, name: str, default: Any) -> Any:
 
 
 def _template(config: Any) -> dict:
-    from workflows.argo_client import _as_dict
+    from workflows.render import as_dict as _as_dict
     from workflows.upgrade import build
 
     return _as_dict(build(config))
@@ -40,7 +40,7 @@ def _template(config: Any) -> dict:
 
 def build_rehearsal(config: Any, template: Any = None) -> CronWorkflow:
     """The rehearsal CronWorkflow for an environment; checked against the template it runs."""
-    from workflows.argo_client import _as_dict
+    from workflows.render import as_dict as _as_dict
 
     template = _as_dict(template) if template is not None else _template(config)
     meta = template["metadata"]
@@ -70,7 +70,7 @@ def build_rehearsal(config: Any, template: Any = None) -> CronWorkflow:
 
 def check_rehearsal(cron: Any, template: Any) -> list[str]:
     """Why this CronWorkflow would not run this template safely; [] when it would."""
-    from workflows.argo_client import _as_dict
+    from workflows.render import as_dict as _as_dict
 
     cron, template = _as_dict(cron), _as_dict(template)
     errors: list[str] = []

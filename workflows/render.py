@@ -30,6 +30,15 @@ def _extra(cfg: Config) -> list[dict]:
     return docs
 
 
+def as_dict(obj) -> dict:
+    """A Hera object, Hera model or plain dict as the wire-format dict."""
+    if isinstance(obj, dict):
+        return obj
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    return obj.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
 def render_documents(cfg: Config) -> list[dict]:
     return rbac.documents(cfg) + [upgrade.render(cfg)] + _extra(cfg)
 

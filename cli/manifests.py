@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         docs = render_documents(cfg)
         found = problems(docs)
         if server:
-            from workflows.argo_client import server_problems
+            from cli.argo_client import server_problems
 
             found += server_problems(cfg, docs)
         for line in found:

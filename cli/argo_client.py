@@ -98,13 +98,7 @@ class _TimeoutSession(requests.Session):
         return super().request(method, url, **kwargs)
 
 
-def _as_dict(obj: Any) -> dict:
-    """A Hera object, Hera model or plain dict as the wire-format dict."""
-    if isinstance(obj, dict):
-        return obj
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    return obj.model_dump(by_alias=True, exclude_none=True, mode="json")
+from workflows.render import as_dict as _as_dict  # noqa: E402
 
 
 class ArgoClient:

@@ -1,6 +1,6 @@
 """`db-upgrade submit | approve | abort | status`: the Argo Server side of the command line.
 
-A thin typer layer over workflows.argo_client: parse options, call, print. Errors are one line,
+A thin typer layer over cli.argo_client: parse options, call, print. Errors are one line,
 `error: ...`, on stderr with exit code 1; `submit --wait` exits 0 only for a finished cutover run.
 """
 
@@ -35,7 +35,7 @@ def load_environment(path: Path) -> tuple[Any, Any]:
 
 def _setup(config_path: Path, with_template: bool = False):
     """(config, template dict or None, client); every failure here is a one-line error."""
-    from workflows import argo_client as ac
+    from cli import argo_client as ac
     from workflows.config import ConfigError, load_config
 
     if not config_path.is_file():
@@ -57,7 +57,7 @@ def _setup(config_path: Path, with_template: bool = False):
 
 
 def _run(body: Callable[[], Optional[int]]) -> None:
-    from workflows.argo_client import ArgoError
+    from cli.argo_client import ArgoError
 
     try:
         code = body()
@@ -80,7 +80,7 @@ def submit(
     """Create or update the WorkflowTemplate, then submit a Workflow that runs it."""
 
     def body() -> Optional[int]:
-        from workflows import argo_client as ac
+        from cli import argo_client as ac
         from workflows.rehearsal import RUN_LABEL
 
         _, template, client = _setup(config_path, with_template=True)
@@ -110,7 +110,7 @@ def submit(
 
 def follow(client, name: str, config_path: Path, poll: float, sleep: Callable[[float], None] = time.sleep) -> int:
     """Print workflow and node phase changes until the run ends; return the exit code."""
-    from workflows import argo_client as ac
+    from cli import argo_client as ac
 
     seen: dict[str, tuple] = {}
     announced_approval = False
@@ -185,7 +185,7 @@ def status(name: str = typer.Argument(..., help="Workflow name."), config_path: 
     """Phase, current step(s), lag and timings of a workflow."""
 
     def body() -> None:
-        from workflows import argo_client as ac
+        from cli import argo_client as ac
 
         _, _, client = _setup(config_path)
         wf = client.get_workflow(name)
