@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 CACHE ?= /var/cache/db-upgrade
-HOST_PACKAGES := postgresql-15 postgresql-client-15 debootstrap bubblewrap python3-venv util-linux
+HOST_PACKAGES := postgresql-15 postgresql-client-15 debootstrap bubblewrap python3-venv util-linux pgbouncer
 
 .PHONY: deps host-packages rootfs venv test rehearse render bench image clean
 VERSION := $(shell sed -n "s/^version = \"\(.*\)\"/\1/p" pyproject.toml)

@@ -1,4 +1,4 @@
-"""`db-upgrade submit | approve | abort | status`: the Argo Server side of the command line.
+"""`db-upgrade submit | approve | abort`: the Argo Server side of the command line (`status`: cli/status.py).
 
 A thin typer layer over cli.argo_client: parse options, call, print. Errors are one line,
 `error: ...`, on stderr with exit code 1; `submit --wait` exits 0 only for a finished cutover run.
@@ -160,15 +160,38 @@ def follow(client, name: str, config_path: Path, poll: float, sleep: Callable[[f
 
 def _decide(name: str, config_path: Path, decision: str) -> None:
     def body() -> None:
+        from cli.argo_client import ArgoError, DecisionAlreadySet
+
         _, _, client = _setup(config_path)
-        client.decide(name, decision)
+        try:
+            how = client.decide(name, decision)
+        except DecisionAlreadySet as exc:
+            raise ArgoError(_already_set(exc, config_path)) from None
+        if how == "resumed":
+            typer.echo(f"{name}: the decision {decision} was already set but its resume had not gone through:"
+                       " resumed it now")
         if decision == "cutover":
-            typer.echo(f"{name}: approved, cutover continues (freeze, finish, verify)")
+            typer.echo(f"{name}: approved, the cutover starts")
         else:
             typer.echo(f"{name}: aborted at approval, the source stays the primary")
         typer.echo(f"follow with: db-upgrade status {name} --config {config_path}")
 
     _run(body)
+
+
+def _already_set(exc, config_path: Path) -> str:
+    """What to do when the approve node holds the other decision (Argo refuses a second set)."""
+    name, current = exc.workflow, exc.current
+    if current == "cutover":
+        # Nothing is frozen while the approve node waits: stopping the run only cleans up.
+        return (f"workflow {name} already holds the decision cutover (set earlier; its resume did not go through),"
+                " and Argo refuses to change it: to cut over, run db-upgrade approve"
+                f" {name} --config {config_path}; not to cut over, run argo stop {name}"
+                " (nothing is frozen yet, the exit handler cleans up) or let the approval time out"
+                " (the cutover refuses a decision that timed out)")
+    return (f"workflow {name} already holds the decision {current} (set earlier; its resume did not go through),"
+            f" and Argo refuses to change it: finish it with db-upgrade abort {name} --config {config_path}"
+            " (or argo stop), then submit a new run to cut over")
 
 
 def approve(name: str = typer.Argument(..., help="Workflow name."), config_path: Path = ConfigOption) -> None:
@@ -181,52 +204,9 @@ def abort(name: str = typer.Argument(..., help="Workflow name."), config_path: P
     _decide(name, config_path, "abort")
 
 
-def status(name: str = typer.Argument(..., help="Workflow name."), config_path: Path = ConfigOption) -> None:
-    """Phase, current step(s), lag and timings of a workflow."""
-
-    def body() -> None:
-        from cli import argo_client as ac
-
-        _, _, client = _setup(config_path)
-        wf = client.get_workflow(name)
-        st = wf.get("status") or {}
-        steps = ac.step_nodes(wf)
-        start, end, took = ac.node_timing(st)
-        typer.echo(f"workflow  {name}")
-        typer.echo(f"phase     {ac.workflow_phase(wf)}" + (f": {st['message']}" if st.get("message") else ""))
-        typer.echo(f"timing    started {start}, finished {end}, {took}")
-        running = [n["displayName"] for n in steps if n.get("phase") == "Running"]
-        waiting, _ = ac.approval_state(wf)
-        current = ", ".join(running) or "-"
-        if waiting:
-            current += " (waiting for approval)"
-        typer.echo(f"current   {current}")
-        follow_node = ac.find_node(wf, "follow")
-        if follow_node and follow_node.get("progress"):
-            typer.echo(f"progress  {follow_node['progress']} tables copied")
-        typer.echo(f"lag       {ac.lag(wf) or 'not measured yet'}")
-        for label, value in ac.run_report(wf):
-            typer.echo(f"report    {label}: {value}")
-        outputs = (st.get("outputs") or {}).get("parameters") or []
-        for p in outputs:  # the workflow's global outputs, e.g. the rehearsal report
-            typer.echo(f"output    {p.get('name')} = {p.get('value', '')}")
-        if steps:
-            width = max(len(n.get("displayName") or "") for n in steps)
-            typer.echo("steps")
-            for n in steps:
-                s, f, d = ac.node_timing(n)
-                typer.echo(f"  {n.get('displayName', ''):<{width}}  {n.get('phase', 'Pending'):<9}  {s}  {f}  {d}")
-        typer.echo(f"link      {client.settings.workflow_link(name)}")
-        if waiting:
-            typer.echo(f"approve:  db-upgrade approve {name} --config {config_path}")
-            typer.echo(f"abort:    db-upgrade abort {name} --config {config_path}")
-
-    _run(body)
-
-
 def register(app: typer.Typer) -> None:
     # `lint --server` lives in cli_manifests' `lint` (one lint command), via argo_client.server_problems.
     app.command("submit")(submit)
     app.command("approve")(approve)
     app.command("abort")(abort)
-    app.command("status")(status)
+    # `status` is cli/status.py

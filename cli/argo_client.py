@@ -39,6 +39,16 @@ class ArgoError(Exception):
     """A failure to report as one line, `error: <message>`, with a non-zero exit."""
 
 
+class DecisionAlreadySet(ArgoError):
+    """The approve node already holds another decision: Argo refuses a second `set` of an output
+    (workflow/util/util.go updateSuspendedNode), so it cannot be changed any more."""
+
+    def __init__(self, workflow: str, current: str, wanted: str):
+        self.workflow, self.current, self.wanted = workflow, current, wanted
+        super().__init__(f"workflow {workflow}: the approve step already holds the decision {current},"
+                         f" which Argo does not let anyone change to {wanted}")
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -209,8 +219,13 @@ class ArgoClient:
             )
         )
 
-    def decide(self, name: str, decision: str) -> dict:
-        """Answer the approval the way the Argo UI does: set the node's output, then resume that node."""
+    def decide(self, name: str, decision: str) -> str:
+        """Answer the approval: set the node's `decision` output, then resume that node.
+
+        Returns "set" or, when the same decision was set before and only its resume had not gone
+        through, "resumed" (a second set would be refused). Another decision already set raises
+        DecisionAlreadySet: left alone, the node would act on it at its timeout.
+        """
         if decision not in DECISIONS:
             raise ValueError(decision)
         wf = self.get_workflow(name)
@@ -218,21 +233,52 @@ class ArgoClient:
         if not waiting:
             verb = "approve" if decision == "cutover" else "abort"
             raise ArgoError(f"workflow {name} is not waiting for approval ({why}): nothing to {verb}")
+        current = set_output(find_node(wf, APPROVE_NODE), "decision")
+        if current is not None and current != decision:
+            raise DecisionAlreadySet(name, current, decision)
         selector = f"displayName={APPROVE_NODE}"
-        self._call(
-            f"set the approval decision on {name}",
-            self.service.set_workflow,
-            name,
-            m.WorkflowSetRequest(node_field_selector=selector, output_parameters=json.dumps({"decision": decision})),
-        )
-        return _as_dict(
+        if current is None:
             self._call(
-                f"resume {name}",
-                self.service.resume_workflow,
+                f"set the approval decision on {name}",
+                self.service.set_workflow,
                 name,
-                m.WorkflowResumeRequest(node_field_selector=selector),
+                m.WorkflowSetRequest(node_field_selector=selector,
+                                     output_parameters=json.dumps({"decision": decision})),
             )
-        )
+        self._call(f"resume {name}", self.service.resume_workflow, name,
+                   m.WorkflowResumeRequest(node_field_selector=selector))
+        return "set" if current is None else "resumed"
+
+    def ui_resume(self, name: str, choices: Mapping[str, str] | None = None,
+                  display_name: str = APPROVE_NODE) -> dict:
+        """Exactly the Argo UI's resume dialog (v4.1.2, ui/src/workflows/components/workflow-details/
+        workflow-details.tsx): every input parameter of the suspended node (an enum without a value
+        shows its default), as the operator left them in the dialog (`choices`), goes to `set` as an
+        output with `id=<node id>`, then `resume` on that id. For tests of the UI path."""
+        wf = self.get_workflow(name)
+        node = find_node(wf, display_name)
+        if node is None or node.get("type") != "Suspend" or node.get("phase") != "Running":
+            raise ArgoError(f"workflow {name} has no suspended node {display_name}: the UI offers no resume")
+        parameters = []
+        for p in ((node.get("inputs") or {}).get("parameters") or []):
+            p = dict(p)
+            if p.get("enum") and not p.get("value"):
+                p["value"] = p.get("default")
+            parameters.append(p)
+        unknown = set(choices or {}) - {p["name"] for p in parameters}
+        if unknown:
+            raise ValueError(f"the dialog shows no field {', '.join(sorted(unknown))}")
+        for p in parameters:
+            if p["name"] in (choices or {}):
+                p["value"] = choices[p["name"]]
+        selector = f"id={node['id']}"
+        if parameters:  # updateOutputParametersForNodeIfRequired; JSON.stringify drops undefined values
+            outputs = {p["name"]: p["value"] for p in parameters if p.get("value") is not None}
+            self._call(f"set the outputs of {display_name} on {name}", self.service.set_workflow, name,
+                       m.WorkflowSetRequest(node_field_selector=selector,
+                                            output_parameters=json.dumps(outputs, separators=(",", ":"))))
+        return _as_dict(self._call(f"resume {name}", self.service.resume_workflow, name,
+                                   m.WorkflowResumeRequest(node_field_selector=selector)))
 
     def watch(self, name: str, interval: float, sleep: Callable[[float], None] = time.sleep,
               max_failures: int = 5) -> Iterator[dict]:
@@ -349,6 +395,15 @@ def node_output(node: dict | None, name: str) -> str | None:
     for p in ((node or {}).get("outputs") or {}).get("parameters") or []:
         if p.get("name") == name:
             return p.get("value")
+    return None
+
+
+def set_output(node: dict | None, name: str) -> str | None:
+    """The value a suspend node's supplied output was set to, None while unset: a set output has a
+    value and no valueFrom any more (workflow/util/util.go updateSuspendedNode)."""
+    for p in ((node or {}).get("outputs") or {}).get("parameters") or []:
+        if p.get("name") == name and "value" in p and not p.get("valueFrom"):
+            return p["value"]
     return None
 
 

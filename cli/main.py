@@ -18,7 +18,7 @@ def _register() -> None:
     from steps.cli import step_app
 
     app.add_typer(step_app, name="step")
-    for module in ("cli.manifests", "cli.argo", "local.cli"):
+    for module in ("cli.manifests", "cli.argo", "cli.status", "cli.history", "cli.backout", "local.cli"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as exc:  # a concern not built yet

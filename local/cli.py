@@ -53,6 +53,10 @@ def register(app: typer.Typer) -> None:
         config: Path = typer.Option(None, "--config", "-c",
                                     help="environment file whose template and tunables to use (default: built in)"),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="also show pgcopydb's own log lines"),
+        cluster_transition_seconds: float = typer.Option(
+            None, "--cluster-transition-seconds", show_default=False,
+            help="what a cluster adds each time the DAG moves on, for the modelled timeline"
+                 " (default 15: the controller's 10 s requeue plus a 5 s pod start; nothing sleeps)"),
     ) -> None:
         """Run the upgrade workflow here: the WorkflowTemplate's DAG, each step as `db-upgrade step NAME`.
 
@@ -62,6 +66,8 @@ def register(app: typer.Typer) -> None:
         from local.runner import RunError, execute, load_template
         from workflows.config import ConfigError
 
+        if cluster_transition_seconds is not None and not cluster_transition_seconds >= 0:
+            _fail("--cluster-transition-seconds must be 0 or more seconds")
         if not source or not target:
             _fail("give --source and --target (or PGCOPYDB_SOURCE_PGURI and PGCOPYDB_TARGET_PGURI)")
         if workdir is None:
@@ -85,6 +91,7 @@ def register(app: typer.Typer) -> None:
                 params={"mode": mode, "keep-slot-on-failure": "true" if keep_slot_on_failure else "false"},
                 source=source, target=target, workdir=workdir, readonly_sql=readonly_sql,
                 unfreeze_sql=unfreeze_sql, restart_command=restart_command,
+                **({} if cluster_transition_seconds is None else {"transition_seconds": cluster_transition_seconds}),
             )
         except (RunError, ConfigError) as exc:
             _fail(str(exc))
@@ -99,6 +106,13 @@ def register(app: typer.Typer) -> None:
         report: Path = typer.Option(None, "--report", help="also write the report as JSON here"),
         keep: bool = typer.Option(False, "--keep", help="keep the servers' directory (for inspection)"),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="also show pgcopydb's own log lines"),
+        engine: str = typer.Option("native", "--engine", help="native (default) or pgcopydb-follow"),
+        switch: str = typer.Option("restart", "--switch",
+                                   help="restart (the application reconnects to the target) or pgbouncer "
+                                        "(it writes through a real PgBouncer, which the cutover repoints)"),
+        cluster_transition_seconds: float = typer.Option(
+            None, "--cluster-transition-seconds",
+            help="what a cluster adds per DAG transition, for the modelled write-downtime (default 15)"),
     ) -> None:
         """A full upgrade rehearsal with nothing to set up, ending with a report.
 
@@ -110,5 +124,14 @@ def register(app: typer.Typer) -> None:
             _fail(f"--size must be one of {', '.join(SIZES)}, not {size!r}")
         if write_rate < 0:
             _fail("--write-rate must be 0 or more writes per second")
+        from local.rehearse import ENGINES, SWITCHES
+
+        if engine not in ENGINES:
+            _fail(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        if switch not in SWITCHES:
+            _fail(f"--switch must be one of {', '.join(SWITCHES)}, not {switch!r}")
+        if cluster_transition_seconds is not None and cluster_transition_seconds < 0:
+            _fail("--cluster-transition-seconds must be 0 or more")
         raise typer.Exit(do_rehearse(size=size, write_rate=write_rate, report_path=report, keep=keep,
-                                     verbose=verbose))
+                                     verbose=verbose, engine=engine, switch=switch,
+                                     transition_seconds=cluster_transition_seconds))

@@ -2,16 +2,25 @@
 
 Source PostgreSQL 15 and target 17 (local.servers.Pair), the sample database,
 an application writing through its own role the whole time, then `run` with
-automatic approval. The application switches to the target at the restart
-step, as restarted deployments would, so the write-downtime is what an
-application sees: from its first refused write on the source to its first
-successful write on the target. The servers are removed at the end, also on
-failure and Ctrl-C (unless --keep).
+automatic approval: the same WorkflowTemplate and steps as a cluster. The
+application moves to the target at the cutover's switch:
+
+- `--switch restart` (default): it reconnects to the target, as restarted
+  deployments would; its writes are refused from the freeze until then;
+- `--switch pgbouncer`: it writes through a real PgBouncer all along, which
+  the cutover PAUSEs, repoints and RESUMEs; it sees a stall, not an error.
+
+Write-downtime is what the application sees: its first refused write until it
+can write again (restart), or its longest stalled write (pgbouncer). The
+report also gives the same window as a cluster would make it (the runner's
+per-transition model) and the cutover's own measurement. The servers are
+removed at the end, also on failure and Ctrl-C (unless --keep).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import tempfile
@@ -25,7 +34,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from steps.pg import pretty_bytes
 
 DATABASE = "shop"
-SLOT = "pgcopydb"
+SWITCHES = ("restart", "pgbouncer")
+ENGINES = ("native", "pgcopydb-follow")
 
 
 def _log(console, message: str) -> None:
@@ -50,35 +60,50 @@ def _remove_half_started(base: Path) -> None:
         time.sleep(1)
 
 
-def _span(record: dict, start: str, end: str) -> float | None:
-    a, b = record.get(start), record.get(end)
-    return round(b - a, 2) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+def _output(workdir: Path | None, task: str, name: str) -> str | None:
+    if workdir is None:
+        return None
+    try:
+        return (workdir / "local-run" / "outputs" / task / name).read_text().strip() or None
+    except OSError:
+        return None
 
 
-def build_report(*, size: str, db_bytes: int | None, record: dict, result, stats, write_rate: float,
-                 slots_left: int | None, error: str | None = None) -> dict:
-    copy_s = _span(record, "follow_started_at", "copy_done_at")
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def build_report(*, size: str, engine: str, switch: str, db_bytes: int | None, run_report: dict, timings: dict,
+                 result, stats, write_rate: float, slots_left: int | None, cutover_seconds: float | None,
+                 error: str | None = None) -> dict:
     downtime = None
-    if stats and stats.first_refused_at and stats.first_ok_on_target_at:
-        downtime = round(stats.first_ok_on_target_at - stats.first_refused_at, 2)
-    verify = record.get("verify") or {}
-    frozen_for = None
-    if result is not None and "restart" in result.nodes:
-        frozen_for = result.nodes["restart"].outputs.get("write-downtime-seconds") or None
+    if stats is not None:
+        if switch == "pgbouncer":
+            downtime = round(stats.max_write_stall_seconds, 2) if stats.ok else None
+        elif stats.first_refused_at and stats.first_ok_on_target_at:
+            downtime = round(stats.first_ok_on_target_at - stats.first_refused_at, 2)
+    cluster = result.modelled_window_seconds(downtime) if result is not None and downtime is not None else None
     report = {
         "status": result.status if result else "Failed",
         "error": error,
         "size": size,
+        "engine": engine,
+        "switch": switch,
         "database_size_bytes": db_bytes,
-        "initial_copy_seconds": copy_s,
-        "copy_throughput_bytes_per_second": round(db_bytes / copy_s) if db_bytes and copy_s else None,
-        "catch_up_seconds": _span(record, "copy_done_at", "caught_up_at"),
-        "lag_at_approval_bytes": record.get("lag_at_approval"),
-        "freeze_to_endpos_seconds": _span(record, "frozen_at", "endpos_set_at"),
-        "endpos_to_follow_done_seconds": _span(record, "endpos_set_at", "follow_done_at"),
-        "follow_done_to_verified_seconds": _span(record, "follow_done_at", "verified_at"),
+        "initial_copy_seconds": run_report.get("copy_seconds"),
+        "copy_throughput_bytes_per_second": run_report.get("copy_rate_bytes_per_second"),
+        "catch_up_seconds": run_report.get("catchup_seconds"),
+        "lag_at_catchup_bytes": run_report.get("lag_at_catchup_bytes"),
+        "cutover_parts_seconds": timings,
+        # The application's view, and the same window as a cluster would make it.
         "write_downtime_seconds": downtime,
-        "frozen_until_restart_seconds": float(frozen_for) if frozen_for else None,
+        "write_downtime_cluster_seconds": cluster,
+        "writes_frozen_seconds": cutover_seconds,  # the cutover's own: freeze committed -> switch done
+        "application_failed_transactions": stats.failed_transactions if stats else None,
+        "max_write_stall_seconds": round(stats.max_write_stall_seconds, 3) if stats else None,
         "writes": {
             "rate_per_second": write_rate,
             "ok": stats.ok if stats else 0,
@@ -87,21 +112,18 @@ def build_report(*, size: str, db_bytes: int | None, record: dict, result, stats
             "first_ok_on_target_at": stats.first_ok_on_target_at if stats else None,
             "sample_errors": (stats.errors[:3] if stats else []),
         },
-        "verification": {
-            "ok": verify.get("ok"),
-            "tables": [{"table": t["table"], "source_rows": t["source_rows"], "target_rows": t["target_rows"],
-                        "match": t["match"]} for t in verify.get("tables", [])],
-        },
+        "verification": {"ok": run_report.get("verify_ok"), "summary": run_report.get("verify_summary"),
+                         "seconds": run_report.get("verify_seconds")},
         "leftover_slots": slots_left,
-        "timings": {k: record.get(k) for k in ("follow_started_at", "copy_done_at", "caught_up_at", "frozen_at",
-                                               "endpos_set_at", "follow_done_at", "verified_at")},
         "tasks": {n.name: n.phase for nodes in ((result.nodes, result.exit_nodes) if result else ())
                   for n in nodes.values()},
+        "run": run_report,
     }
-    report["ok"] = bool(
-        report["status"] == "Succeeded" and not error and verify.get("ok") is True and slots_left == 0
-        and (downtime is not None or write_rate == 0)
-    )
+    ok_switch = (downtime is not None or write_rate == 0)
+    if switch == "pgbouncer" and stats is not None and write_rate > 0:
+        ok_switch = ok_switch and stats.failed_transactions == 0
+    report["ok"] = bool(report["status"] == "Succeeded" and not error and run_report.get("verify_ok") is True
+                        and slots_left == 0 and ok_switch)
     return report
 
 
@@ -112,58 +134,50 @@ def _seconds(v) -> str:
 def print_report(console, report: dict) -> None:
     from rich.table import Table
 
-    t = Table(title=f"db-upgrade rehearsal ({report['size']}): {'OK' if report['ok'] else 'FAILED'}")
+    t = Table(title=f"db-upgrade rehearsal ({report['size']}, {report['engine']} engine, switch "
+                    f"{report['switch']}): {'OK' if report['ok'] else 'FAILED'}")
     t.add_column("measure")
     t.add_column("value", justify="right")
     tp = report["copy_throughput_bytes_per_second"]
     v = report["verification"]
+    parts = report["cutover_parts_seconds"] or {}
     rows = [
         ("status", report["status"] + (f": {report['error']}" if report["error"] else "")),
         ("database size", pretty_bytes(report["database_size_bytes"]) if report["database_size_bytes"] else "-"),
         ("initial copy", _seconds(report["initial_copy_seconds"])),
         ("copy throughput", f"{pretty_bytes(tp)}/s" if tp else "-"),
         ("catch-up (copy done -> caught up)", _seconds(report["catch_up_seconds"])),
-        ("lag at approval", pretty_bytes(report["lag_at_approval_bytes"])
-         if report["lag_at_approval_bytes"] is not None else "-"),
-        ("freeze -> endpos set", _seconds(report["freeze_to_endpos_seconds"])),
-        ("endpos -> follow done (replay)", _seconds(report["endpos_to_follow_done_seconds"])),
-        ("follow done -> verified", _seconds(report["follow_done_to_verified_seconds"])),
+        ("lag at catch-up", pretty_bytes(report["lag_at_catchup_bytes"])
+         if report["lag_at_catchup_bytes"] is not None else "-"),
+        *((f"cutover: {k}", _seconds(v_)) for k, v_ in parts.items()),
         ("write-downtime (as the application saw it)", _seconds(report["write_downtime_seconds"])),
-        ("writes frozen (freeze -> restart step)", _seconds(report["frozen_until_restart_seconds"])),
+        ("write-downtime in a cluster (modelled)", _seconds(report["write_downtime_cluster_seconds"])),
+        ("writes frozen (the cutover's measure)", _seconds(report["writes_frozen_seconds"])),
         ("application writes ok / refused attempts", f"{report['writes']['ok']} / {report['writes']['refused']}"),
-        ("verification", "-" if v["ok"] is None else
-         f"{'OK' if v['ok'] else 'FAILED'}: {sum(1 for x in v['tables'] if x['match'])}/{len(v['tables'])} tables match"),
+        ("application failed transactions", str(report["application_failed_transactions"])),
+        ("max write stall", _seconds(report["max_write_stall_seconds"])),
+        ("verification", "-" if v["ok"] is None else f"{'OK' if v['ok'] else 'FAILED'}: {v['summary']}"),
         ("replication slots left on the source", "-" if report["leftover_slots"] is None
          else str(report["leftover_slots"])),
     ]
     for name, value in rows:
         t.add_row(name, value)
     console.print(t)
-    if v["tables"]:
-        vt = Table(title="verification per table")
-        vt.add_column("table")
-        vt.add_column("source rows", justify="right")
-        vt.add_column("target rows", justify="right")
-        vt.add_column("match")
-        for row in v["tables"]:
-            vt.add_row(row["table"], str(row["source_rows"]), str(row["target_rows"]), "yes" if row["match"] else "NO")
-        console.print(vt)
 
 
 def rehearse(*, size: str = "small", write_rate: float = 50, report_path: Path | None = None, keep: bool = False,
-             verbose: bool = False) -> int:
+             verbose: bool = False, engine: str = "native", switch: str = "restart",
+             transition_seconds: float | None = None) -> int:
     from rich.console import Console
 
     from local import workload
-    from local.runner import EXIT_INTERRUPTED, execute, load_template
+    from local.runner import DEFAULT_TRANSITION_SECONDS, EXIT_INTERRUPTED, execute, load_template
     from local.servers import Pair
-    from steps import state
 
     console = Console(stderr=True)
     out = Console()
-    pair = writer = result = stats = None
+    pair = writer = result = stats = bouncer = None
     db_bytes = slots_left = None
-    record: dict = {}
     error = None
     interrupted = False
     workdir = base = None
@@ -180,25 +194,43 @@ def rehearse(*, size: str = "small", write_rate: float = 50, report_path: Path |
         with psycopg.connect(src) as conn:
             db_bytes = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
         readonly, unfreeze = workload.freeze_sql_files(pair.base / "sql")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_UPGRADE_", "PGCOPYDB_"))}
+        env.update(DB_UPGRADE_ENGINE=engine, DB_UPGRADE_APP_ROLES=workload.APP_ROLE,
+                   DB_UPGRADE_POLL_INTERVAL="0.5", DB_UPGRADE_TABLE_JOBS="2", DB_UPGRADE_INDEX_JOBS="2")
+        on_switch = None
+        if switch == "pgbouncer":
+            from local.pgbouncer import PgBouncer
+            from steps.switch.settings import TargetEntry
+
+            bouncer = PgBouncer(databases={DATABASE: TargetEntry.from_uri(src)},
+                                users={workload.APP_ROLE: workload.APP_PASSWORD}).start()
+            app = bouncer.uri(DATABASE, workload.APP_ROLE, workload.APP_PASSWORD)
+            env.update(bouncer.switch_env(DATABASE, TargetEntry.from_uri(tgt)))
+            _log(console, f"PgBouncer on 127.0.0.1:{bouncer.port} in front of the source: the application "
+                          "connects through it")
+        else:
+            app = workload.app_uri(src)
+            target_app = workload.app_uri(tgt)
+
+            def on_switch() -> None:
+                # The cutover's switch: the application now connects to the new database.
+                if writer is not None:
+                    writer.switch_to(target_app)
+                _log(console, "application switched to the target (the cutover's switch)")
         if write_rate > 0:
             _log(console, f"application writing {write_rate:g}/s to the source through its own role")
-            writer = workload.Writer(workload.app_uri(src), rate=write_rate, threads=2).start()
+            writer = workload.Writer(app, rate=write_rate, threads=2, pooled=switch == "pgbouncer").start()
             time.sleep(1)
-        target_app = workload.app_uri(tgt)
-
-        def restarted() -> None:
-            # The restart step: the application now connects to the new database.
-            if writer is not None:
-                writer.switch_to(target_app)
-            _log(console, "application switched to the target (the restart step)")
-
         result = execute(load_template(), console=console, approve="auto", verbose=verbose,
                          source=src, target=tgt, workdir=workdir, readonly_sql=readonly,
-                         unfreeze_sql=unfreeze, on_restart=restarted)
+                         unfreeze_sql=unfreeze, on_restart=on_switch, base_env=env,
+                         transition_seconds=DEFAULT_TRANSITION_SECONDS if transition_seconds is None
+                         else transition_seconds)
         interrupted = result.interrupted
         if writer is not None and not interrupted:
             deadline = time.monotonic() + 10  # let the application land a few writes on the target
-            while time.monotonic() < deadline and writer.stats.first_ok_on_target_at is None:
+            while (time.monotonic() < deadline and switch != "pgbouncer"
+                   and writer.stats.first_ok_on_target_at is None):
                 time.sleep(0.1)
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -213,6 +245,8 @@ def rehearse(*, size: str = "small", write_rate: float = 50, report_path: Path |
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if writer is not None:
             stats = writer.stop()
+        if bouncer is not None:
+            bouncer.cleanup()
         if pair is None and base is not None:
             _remove_half_started(base)
             _log(console, "servers stopped and removed")
@@ -222,14 +256,16 @@ def rehearse(*, size: str = "small", write_rate: float = 50, report_path: Path |
                     slots_left = conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0]
             except psycopg.Error:
                 pass
-            if workdir is not None:
-                record = state.read(workdir)
-                logs = workdir / "local-run" / "logs"
-                if (error or result is None or result.status != "Succeeded") and logs.is_dir() and not keep:
-                    # The servers go, the evidence stays: each step's full log, pgcopydb's included.
-                    kept = Path(tempfile.mkdtemp(prefix="db-upgrade-rehearse-logs-"))
-                    shutil.copytree(logs, kept, dirs_exist_ok=True)
-                    _log(console, f"the run failed: step logs kept in {kept}")
+            logs = workdir / "local-run" / "logs" if workdir is not None else None
+            if logs is not None and (error or result is None or result.status != "Succeeded") and logs.is_dir() \
+                    and not keep:
+                # The servers go, the evidence stays: each step's full log, pgcopydb's included.
+                kept = Path(tempfile.mkdtemp(prefix="db-upgrade-rehearse-logs-"))
+                shutil.copytree(logs, kept, dirs_exist_ok=True)
+                _log(console, f"the run failed: step logs kept in {kept}")
+            run_report = json.loads(_output(workdir, "report", "report") or "{}")
+            timings = json.loads(_output(workdir, "cutover", "timings") or "{}")
+            cutover_seconds = _float(_output(workdir, "cutover", "write-downtime-seconds"))
             if keep:
                 _log(console, f"servers stopped; their files are kept in {pair.base}")
                 pair.stop()
@@ -239,8 +275,11 @@ def rehearse(*, size: str = "small", write_rate: float = 50, report_path: Path |
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if interrupted and error is None:
         error = "interrupted (Ctrl-C)"
-    report = build_report(size=size, db_bytes=db_bytes, record=record, result=result, stats=stats,
-                          write_rate=write_rate, slots_left=slots_left, error=error)
+    report = build_report(size=size, engine=engine, switch=switch, db_bytes=db_bytes,
+                          run_report=run_report if pair is not None else {},
+                          timings=timings if pair is not None else {}, result=result, stats=stats,
+                          write_rate=write_rate, slots_left=slots_left,
+                          cutover_seconds=cutover_seconds if pair is not None else None, error=error)
     if report_path is not None:  # before printing: a closed terminal must not lose it
         report_path.write_text(json.dumps(report, indent=2) + "\n")
     print_report(out, report)

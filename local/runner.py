@@ -11,22 +11,30 @@ run too. What is interpreted, as Argo does it:
   env the pod gets (the container's env, with the volume paths mapped to local
   directories and the connection Secrets replaced by the given URIs).
 - Output parameters are read from the step's outputs directory; `globalName`
-  outputs become workflow outputs (`frozen-at`, `restart-started`).
-- The suspend template (`approve`) asks the operator, or answers by itself.
+  outputs become workflow outputs.
+- `{{tasks.X.*}}` in `when` and arguments resolve as Argo resolves them: only
+  the task's ancestors are in scope; a Skipped or Omitted X gives each output
+  its default or an absent optional (docs/argo.md has the table).
+- The suspend template (`approve`) asks the operator, or answers by itself;
+  an answer `TimedOut(...)` models a suspend that ran its whole duration.
 - The onExit DAG runs after the main DAG with `workflow.status` and
-  `workflow.failures`, exactly as in Argo.
+  `workflow.failures` exactly as Argo sends them (Go-quoted JSON).
+- After the run, `RunResult` models the timeline a cluster would give the same
+  run (`transition_seconds` per DAG transition; nothing sleeps).
 
-Local differences, on purpose: the `restart` step (Kubernetes deployments) is
-replaced by a hook and an optional `--restart-command`; the approval has no
-timeout (the operator is at the terminal); Ctrl-C acts as `argo stop`: running
-steps get SIGTERM, nothing new starts, and the exit handler runs (finish is not
-needed then: follow is stopped by its signal, and cleanup drops the slot).
+Local differences, on purpose: the switch (Kubernetes deployments, in the
+cutover step) is replaced by the `command` strategy: `--restart-command`, or
+the in-process hook of `db-upgrade rehearse`; the approval has no
+timeout (the operator is at the terminal); where Argo would requeue a task
+forever, the task errors; Ctrl-C acts as `argo stop`: running steps get
+SIGTERM, nothing new starts, and the exit handler runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import queue
 import re
 import shutil
@@ -49,6 +57,19 @@ RUNNER_VARS = {"DB_UPGRADE_DIR", "DB_UPGRADE_OUTPUTS", "DB_UPGRADE_MODE", "DB_UP
                "DB_UPGRADE_UNFREEZE_SQL", "DB_UPGRADE_KEEP_SLOT", "DB_UPGRADE_FROZEN_AT",
                "DB_UPGRADE_WORKFLOW_STATUS", "DB_UPGRADE_WORKFLOW_FAILURES", "ARGO_PROGRESS_FILE", *URI_VARS}
 DEFAULT_GRACE = 30.0
+# What a cluster adds each time the DAG moves on (issue 12): the controller handles a workflow again
+# DEFAULT_REQUEUE_TIME after the pod event that ended the previous task (10 s by default:
+# workflow/controller/rate_limiters.go; argoproj/argo-workflows #12381 and #6262 measure 9-10 s per
+# step), then the next pod starts (Kubernetes' startup SLO is p99 <= 5 s for a pod without image
+# pull, init containers or volumes; ours has Argo's init container and often a volume, so 5 s is
+# the low end). Locally a task starts ~0.3 s after the last one ended.
+CONTROLLER_REQUEUE_SECONDS = 10.0
+POD_START_SECONDS = 5.0
+DEFAULT_TRANSITION_SECONDS = CONTROLLER_REQUEUE_SECONDS + POD_START_SECONDS
+# Steps that freeze the application's writes, and steps that move the applications (the frozen
+# window is from the first to the second): the one-step `cutover` does both.
+FREEZE_STEPS = ("freeze", "cutover")
+SWITCH_STEPS = ("restart", "switch", "cutover")
 EXIT_OK, EXIT_FAILED, EXIT_ABORTED, EXIT_INTERRUPTED = 0, 1, 3, 130
 
 
@@ -76,7 +97,7 @@ def default_config():
         "image": {"repository": "local/db-upgrade"},
         "connections": {"source": {"secret": "source", "key": "uri"}, "target": {"secret": "target", "key": "uri"}},
         "sql_config_map": "db-upgrade-sql",
-        "restart": {"deployments": ["local"]},
+        "switch": {"strategy": "none"},
     })
 
 
@@ -221,13 +242,104 @@ def evaluate_depends(expr: str, states: dict[str, str]) -> bool:
     return evaluate(expr, word)
 
 
-def substitute(text: str, values: dict[str, str]) -> str:
-    """{{name}} -> value; unknown references stay literal, as Argo leaves them."""
-    return re.sub(r"\{\{([^}]+)\}\}", lambda m: values.get(m[1].strip(), m[0]), text)
+# Tags under these prefixes must resolve (util/template/simple_template.go simpleReplaceStrict, called
+# with ["tasks", "steps"] from workflow/controller/dag.go resolveDependencyReferences).
+STRICT_PREFIXES = ("tasks.", "steps.")
+_TAG = re.compile(r"\{\{([^}]+)\}\}")
 
 
-def evaluate_when(expr: str, values: dict[str, str]) -> bool:
-    return evaluate(substitute(expr, values), lambda w: w)
+class Unresolved(Exception):
+    """A strict tag Argo cannot substitute. `forever`: Argo requeues the task without end (a missing
+    value: dag.go resolveDependencyReferences, IsMissingVariableErr); otherwise the node errors at once
+    (an absent optional: a skipped or omitted producer's output without a default)."""
+
+    def __init__(self, tag: str, forever: bool):
+        self.tag, self.forever = tag, forever
+        if forever:
+            text = (f"failed to resolve {{{{{tag}}}}}: in Argo this task would be requeued forever"
+                    " (the producer ended without that value, or is not among the task's dependencies)")
+        else:
+            text = (f"unable to substitute {{{{{tag}}}}}: output is an absent optional"
+                    " (skipped/omitted node with no default)")
+        super().__init__(text)
+
+
+def substitute(text: str, values: dict[str, str], absent: frozenset[str] | set[str] = frozenset(),
+               strict: bool = False) -> str:
+    """{{name}} -> value; unknown references stay literal, as Argo leaves them.
+
+    strict: as Argo resolves a DAG task's `when` and arguments, a `tasks.*`/`steps.*` tag that is
+    absent (see Runner._skipped_outputs) or unknown raises Unresolved instead of staying literal.
+    """
+    def one(m: re.Match) -> str:
+        key = m[1].strip()
+        if key in values:
+            return values[key]
+        if strict and key.startswith(STRICT_PREFIXES):
+            raise Unresolved(key, forever=key not in absent)
+        return m[0]
+
+    return _TAG.sub(one, text)
+
+
+def evaluate_when(expr: str, values: dict[str, str], absent: frozenset[str] | set[str] = frozenset(),
+                  strict: bool = False) -> bool:
+    return evaluate(substitute(expr, values, absent, strict), lambda w: w)
+
+
+# --- What Argo hands the exit handler ---------------------------------------------------
+
+def go_json(value) -> str:
+    """Go's json.Marshal of plain data: compact, non-ASCII as is, <, > and & (and U+2028/9) escaped."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return text
+
+
+def go_quote(text: str) -> str:
+    """Go's strconv.Quote: double quotes, backslash escapes, printable characters kept as they are."""
+    short = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+             "\v": "\\v", "\\": "\\\\", '"': '\\"'}
+    out = []
+    for ch in text:
+        if ch in short:
+            out.append(short[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        elif ord(ch) < 0x80:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) < 0x10000:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return '"' + "".join(out) + '"'
+
+
+def workflow_failures(failures: list[dict]) -> str:
+    """{{workflow.failures}} exactly as Argo v4.1.2 sets it (workflow/controller/operator.go):
+    strconv.Quote(json.Marshal(failures)), so `"null"` (quotes included) when nothing failed."""
+    return go_quote(go_json(failures or None))
+
+
+def suspend_seconds(template: dict) -> float:
+    """A suspend template's duration: a plain number is seconds, else a Go duration such as 1h30m
+    (pkg/apis/workflow/v1alpha1 ParseStringToDuration)."""
+    text = str(template.get("suspend", {}).get("duration", "")).strip()
+    if re.fullmatch(r"[0-9]+", text):
+        return float(text)
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"([0-9.]+)(ms|h|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise RunError(f"suspend duration {text!r} of {template.get('name')!r} is not a number of seconds"
+                       " or a duration such as 1h30m")
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def argo_time(ts: float) -> str:
+    """A node time as Argo writes it into {{tasks.X.startedAt}}: RFC 3339, UTC, whole seconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 # --- The run -----------------------------------------------------------------------
@@ -243,6 +355,18 @@ class Node:
     outputs: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TimedOut:
+    """An approver's answer when nobody resumed the approve step: it ends at its suspend duration.
+
+    `decision` is a value set earlier whose resume never came: it is kept (a set output loses its
+    valueFrom, so workflow/util/util.go OverrideOutputParametersWithDefault skips it); None: the
+    output's default applies (workflow/controller/operator.go executeSuspend). Locally nothing waits:
+    the node's finish time is its start plus the duration, as `{{tasks.approve.finishedAt}}` would be.
+    """
+    decision: str | None = None
+
+
 @dataclass
 class RunResult:
     status: str  # Succeeded | Failed | Error
@@ -251,6 +375,12 @@ class RunResult:
     interrupted: bool
     aborted: bool
     order: list[str]  # tasks in the order they started (main DAG, then exit handler)
+    # For the cluster model: each task's `depends` names, each task's step (None: a suspend).
+    deps: dict[str, set[str]] = field(default_factory=dict)
+    exit_deps: dict[str, set[str]] = field(default_factory=dict)
+    steps: dict[str, str | None] = field(default_factory=dict)
+    transition_seconds: float = DEFAULT_TRANSITION_SECONDS
+    started: float | None = None  # the workflow's start (wall clock)
 
     @property
     def exit_code(self) -> int:
@@ -259,6 +389,90 @@ class RunResult:
         if self.status != "Succeeded":
             return EXIT_FAILED
         return EXIT_ABORTED if self.aborted else EXIT_OK
+
+    # -- the cluster model: what the same run would take under a real controller
+    def timeline(self, exit_handler: bool = False) -> dict[str, tuple[float, float]]:
+        """Modelled (start, end) of each task, in seconds from the workflow's start.
+
+        A task that ran starts `transition_seconds` after the last of its dependencies ended (the
+        workflow's start for none) and lasts as long as it did here, or longer: a task that was
+        still running when others ended keeps its local lag behind the last of them (follow ends
+        when the end position a later task set is reached). A Skipped or Omitted task costs nothing
+        (the controller decides it in the same pass). The exit handler starts one transition after
+        the main DAG.
+        """
+        main = self._model(self.nodes, self.deps, 0.0)
+        if not exit_handler:
+            return main
+        base = max((end for _, end in main.values()), default=0.0)
+        return self._model(self.exit_nodes, self.exit_deps, base)
+
+    def _model(self, nodes: dict[str, Node], deps: dict[str, set[str]], base: float
+               ) -> dict[str, tuple[float, float]]:
+        model: dict[str, tuple[float, float]] = {}
+
+        def place(name: str) -> tuple[float, float]:
+            # Only tasks that ended earlier (here) are consulted: the recursion ends.
+            if name in model:
+                return model[name]
+            ready = max((place(d)[1] for d in sorted(deps.get(name, ())) if d in nodes), default=base)
+            n = nodes[name]
+            if n.started is None:
+                model[name] = (ready, ready)
+                return model[name]
+            start = ready + self.transition_seconds
+            finished = n.finished or n.started
+            end = start + max(0.0, finished - n.started)
+            for other, o in nodes.items():
+                if other != name and o.started is not None and o.finished is not None \
+                        and n.started <= o.finished < finished:
+                    end = max(end, place(other)[1] + (finished - o.finished))
+            model[name] = (start, end)
+            return model[name]
+
+        for name in nodes:
+            place(name)
+        return model
+
+    def _shift(self, task: str) -> float:
+        """Modelled minus local start of a task that ran: the cluster's extra time up to it."""
+        start = self.timeline()[task][0]
+        return start - (self.nodes[task].started - (self.started or 0.0))
+
+    def frozen_window_tasks(self) -> tuple[str, str] | None:
+        """(task that froze the writes, task that moved the applications), if both succeeded."""
+        ran = [n for n in self.order if n in self.nodes and self.nodes[n].phase == "Succeeded"]
+        freeze = next((n for n in ran if self.steps.get(n) in FREEZE_STEPS), None)
+        switch = next((n for n in ran if self.steps.get(n) in SWITCH_STEPS
+                       and (freeze is None or ran.index(n) >= ran.index(freeze))), None)
+        return (freeze, switch) if freeze and switch else None
+
+    def pod_starts_in_window(self) -> list[str]:
+        """Tasks whose pod starts after the freezing task started, up to the switching task."""
+        window = self.frozen_window_tasks()
+        if window is None or window[0] == window[1]:
+            return []
+        model = self.timeline()
+        lo, hi = model[window[0]][0], model[window[1]][0]
+        return sorted((n for n, (s, _) in model.items() if lo < s <= hi and self.nodes[n].started is not None),
+                      key=lambda n: model[n][0])
+
+    def window_extra_seconds(self) -> float | None:
+        """What the cluster adds to the frozen window: the transitions inside it, less the local
+        scheduling time they replace. 0 when one task freezes and switches; None without a window."""
+        window = self.frozen_window_tasks()
+        if window is None:
+            return None
+        freeze, switch = window
+        return 0.0 if freeze == switch else round(self._shift(switch) - self._shift(freeze), 3)
+
+    def modelled_window_seconds(self, measured_seconds: float | None) -> float | None:
+        """A frozen-window length measured here (e.g. the write downtime the application saw), as a
+        cluster would make it: `write_downtime_cluster_seconds` of the rehearsal report."""
+        extra = self.window_extra_seconds()
+        if measured_seconds is None or extra is None:
+            return None
+        return round(measured_seconds + extra, 2)
 
 
 @dataclass
@@ -284,13 +498,17 @@ class Runner:
         readonly_sql: Path,
         unfreeze_sql: Path,
         params: dict[str, str] | None = None,
-        approver: Callable[[str], str] | None = None,
+        approver: Callable[[str], "str | TimedOut"] | None = None,
         on_restart: Callable[[], None] | None = None,
         restart_command: str | None = None,
         executor: Callable[[StepCall, "Runner"], tuple[str, str]] | None = None,
         emit: Callable[[str, str], None] | None = None,
         base_env: dict[str, str] | None = None,
+        transition_seconds: float = DEFAULT_TRANSITION_SECONDS,
     ):
+        if transition_seconds < 0:
+            raise RunError(f"the cluster transition time must be 0 or more seconds, not {transition_seconds}")
+        self.transition_seconds = float(transition_seconds)
         self.wt = template
         self.templates = templates(template)
         spec = template["spec"]
@@ -316,12 +534,19 @@ class Runner:
         self.emit = emit or (lambda task, line: print(f"[{task}] {line}", file=sys.stderr, flush=True))
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.values: dict[str, str] = {f"workflow.parameters.{k}": v for k, v in self.params.items()}
-        self.values["workflow.name"] = "local"
+        # The run's record in the source is keyed by the workflow's name: unique per local run.
+        self.values["workflow.name"] = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        # Per DAG, as Argo scopes them: tasks.X.* of finished tasks, and the absent optionals (outputs
+        # without a default of skipped or omitted tasks, workflow/controller/scope.go).
+        self.scopes: dict[str, dict[str, str]] = {}
+        self.absent: dict[str, set[str]] = {}
+        self.started: float | None = None
         self.nodes: dict[str, Node] = {}
         self.exit_nodes: dict[str, Node] = {}
         self.order: list[str] = []
         self.procs: dict[str, tuple[subprocess.Popen, float]] = {}
         self.stopping = threading.Event()
+        self.finished = threading.Event()
         self.interrupts = 0  # Ctrl-C presses, counted by the signal handler
         self.in_exit_handler = False
         self._seen_interrupts = 0
@@ -329,6 +554,7 @@ class Runner:
         self._events: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._check_templates()
+        self.switch_env = self._switch_env()
 
     # -- checks before anything runs
     def _check_templates(self) -> None:
@@ -352,6 +578,63 @@ class Runner:
 
     def dag(self, name: str) -> list[dict]:
         return self.templates[name]["dag"]["tasks"]
+
+    @staticmethod
+    def task_depends(task: dict) -> set[str]:
+        deps = task.get("depends")
+        if deps is None and task.get("dependencies"):
+            return set(task["dependencies"])
+        return depends_on(deps) if deps else set()
+
+    def _ancestors(self, dag: str, name: str) -> set[str]:
+        """common.GetTaskAncestry: every task reachable through `depends`."""
+        direct = {t["name"]: self.task_depends(t) for t in self.dag(dag)}
+        seen: set[str] = set()
+        todo = list(direct.get(name, ()))
+        while todo:
+            d = todo.pop()
+            if d not in seen:
+                seen.add(d)
+                todo.extend(direct.get(d, ()))
+        return seen
+
+    def _visible(self, dag: str, name: str) -> dict[str, str]:
+        """The values a task's `when` and arguments see: the workflow's, and its ancestors' tasks.*
+        only (workflow/controller/dag.go buildLocalScopeFromTask)."""
+        ancestors = self._ancestors(dag, name)
+        scope = {k: v for k, v in self.scopes.get(dag, {}).items() if k.split(".")[1] in ancestors}
+        return {**{k: v for k, v in self.values.items() if not k.startswith(STRICT_PREFIXES)}, **scope}
+
+    def _absent(self, dag: str, name: str) -> set[str]:
+        ancestors = self._ancestors(dag, name)
+        return {k for k in self.absent.get(dag, ()) if k.split(".")[1] in ancestors}
+
+    def _dag_of(self, nodes: dict) -> str:
+        return self.entrypoint if nodes is self.nodes else self.on_exit
+
+    def _set_task_value(self, dag: str, key: str, value: str) -> None:
+        self.scopes.setdefault(dag, {})[key] = value
+        self.values[key] = value  # also flat, for the display and older readers
+
+    def _decided(self, dag: str, name: str, phase: str) -> None:
+        """A node that ends without running (Skipped, Omitted, or errored before its start) still has
+        its times, start = finish = now (operator.go initializeNode), and its status."""
+        now = argo_time(time.time())
+        for key, value in (("status", phase), ("startedAt", now), ("finishedAt", now), ("id", f"local-{name}")):
+            self._set_task_value(dag, f"tasks.{name}.{key}", value)
+
+    def _skipped_outputs(self, dag: str, task: dict) -> None:
+        """A Skipped or Omitted task produced nothing: its declared outputs resolve to their
+        valueFrom.default, or are absent optionals without one (workflow/controller/scope.go
+        addSkippedNodeOutputsToScope)."""
+        template = self.templates[task["template"]]
+        for p in template.get("outputs", {}).get("parameters", []):
+            key = f"tasks.{task['name']}.outputs.parameters.{p['name']}"
+            default = (p.get("valueFrom") or {}).get("default")
+            if default is not None:
+                self._set_task_value(dag, key, str(default))
+            else:
+                self.absent.setdefault(dag, set()).add(key)
 
     def progress_file(self, task: str) -> Path:
         return self.rundir / "progress" / task
@@ -387,20 +670,64 @@ class Runner:
             if value is not None:
                 env[name] = value
         env["ARGO_PROGRESS_FILE"] = str(self.progress_file(task))
+        if "DB_UPGRADE_SWITCH" not in self.base_env:  # the operator's own choice wins
+            env.update(self.switch_env)
         return env
 
+    def _switch_env(self) -> dict[str, str]:
+        """Locally the cutover's switch is a command: --restart-command, or a file the
+        in-process hook (rehearse) is waiting for."""
+        if self.restart_command:
+            return {"DB_UPGRADE_SWITCH": "command", "DB_UPGRADE_SWITCH_COMMAND": self.restart_command}
+        if self.on_restart:
+            marker = self.rundir / "switched"
+            threading.Thread(target=self._wait_switch, args=(marker,), daemon=True, name="switch-hook").start()
+            return {"DB_UPGRADE_SWITCH": "command",
+                    "DB_UPGRADE_SWITCH_COMMAND": f"touch {shlex.quote(str(marker))}"}
+        return {}
+
+    def _wait_switch(self, marker: Path) -> None:
+        while not marker.exists():
+            if self.finished.wait(0.005):
+                return
+        self.on_restart()
+
     # -- one task
-    def _inputs(self, template: dict, task: dict) -> dict[str, str]:
-        inputs = {p["name"]: str(p["default"]) for p in template.get("inputs", {}).get("parameters", [])
-                  if "default" in p}
+    def _inputs(self, template: dict, task: dict, dag: str | None = None) -> dict[str, str]:
+        """The template's inputs: defaults, then the task's arguments resolved as Argo resolves them.
+
+        Raises Unresolved for a tasks.* tag Argo would not substitute. An argument that is only a
+        reference to an absent optional counts as not given, so the input's default applies
+        (scope.go markAbsentOptionalArgs; common.ProcessArgs fails an input without a default)."""
+        declared = template.get("inputs", {}).get("parameters", [])
+        inputs = {p["name"]: str(p["default"]) for p in declared if "default" in p}
+        values = self._visible(dag, task["name"]) if dag else self.values
+        absent = self._absent(dag, task["name"]) if dag else set()
         for a in task.get("arguments", {}).get("parameters", []):
-            inputs[a["name"]] = substitute(str(a.get("value", "")), self.values)
+            raw = str(a.get("value", ""))
+            pure = _TAG.fullmatch(raw.strip())
+            if pure and pure[1].strip() in absent and pure[1].strip() not in values:
+                if a["name"] not in inputs:
+                    raise Unresolved(pure[1].strip(), forever=False)
+                continue
+            inputs[a["name"]] = substitute(raw, values, absent, strict=dag is not None)
         return inputs
 
-    def _start(self, task: dict, node: Node) -> None:
+    def _start(self, task: dict, node: Node, dag: str | None = None) -> None:
         template = self.templates[task["template"]]
-        inputs = self._inputs(template, task)
+        try:
+            inputs = self._inputs(template, task, dag)
+        except Unresolved as exc:
+            # Argo errors the task node (or, for a missing value, requeues it forever: locally it errors).
+            node.phase, node.message, node.started, node.finished = "Errored", str(exc), None, None
+            if dag:
+                self._decided(dag, task["name"], "Error")
+            self.emit(task["name"], f"{task['name']}: Errored ({exc})")
+            return
         node.phase, node.started = "Running", time.time()
+        if dag:
+            self._set_task_value(dag, f"tasks.{task['name']}.startedAt", argo_time(node.started))
+            self._set_task_value(dag, f"tasks.{task['name']}.id", f"local-{task['name']}")
         self.order.append(task["name"])
         if "suspend" in template:
             # Asked from the scheduler's thread (the main one), so Ctrl-C can reach the prompt.
@@ -429,49 +756,35 @@ class Runner:
 
         def work():
             try:
-                if call.step == "restart":
-                    phase, message = self._restart(call)
-                else:
-                    phase, message = self.executor(call, self)
+                phase, message = self.executor(call, self)
             except BaseException as exc:  # noqa: B902 - even a SystemExit must end the node, or the DAG waits forever
                 phase, message = "Errored", f"{type(exc).__name__}: {exc}"
             self._events.put(("done", task["name"], template, (phase, message, outputs_dir)))
 
         threading.Thread(target=work, name=f"task-{task['name']}", daemon=True).start()
 
-    def _restart(self, call: StepCall) -> tuple[str, str]:
-        """Locally there are no deployments: the hook (and --restart-command) is the restart."""
-        out = call.outputs_dir
-        (out / "restart-started").write_text(f"{time.time():.3f}\n")
-        if self.on_restart:
-            self.on_restart()
-        if self.restart_command:
-            self.emit(call.task, f"restart: running the restart command (applications move to the target)")
-            proc = subprocess.run(["/bin/sh", "-c", self.restart_command], env=call.env,
-                                  capture_output=True, text=True, timeout=call.deadline)
-            for line in (proc.stdout + proc.stderr).splitlines():
-                self.emit(call.task, line)
-            if proc.returncode != 0:
-                return "Failed", f"restart command exited {proc.returncode}"
-        elif not self.on_restart:
-            self.emit(call.task, "restart: no deployments locally (no --restart-command): "
-                                 "point the applications at the target now")
-        frozen = call.env.get("DB_UPGRADE_FROZEN_AT", "").strip()
-        if re.match(r"^[0-9]", frozen):
-            downtime = time.time() - float(frozen)
-            (out / "write-downtime-seconds").write_text(f"{downtime:.1f}\n")
-            self.emit(call.task, f"restart: done; writes were frozen for {downtime:.1f}s")
-        return "Succeeded", ""
-
     def _finish(self, name: str, template: dict, phase: str, message: str, outputs_dir: Path | None,
-                nodes: dict[str, Node], decision: str | None = None) -> None:
+                nodes: dict[str, Node], decision: str | None = None, timed_out: bool = False) -> None:
         node = nodes[name]
+        dag = self._dag_of(nodes)
         outputs = {}
         for p in template.get("outputs", {}).get("parameters", []):
             vf = p.get("valueFrom", {})
             value = None
             if "supplied" in vf:
-                value = decision if decision is not None else vf.get("default")
+                # A suspend node's output: what was set stays; at the suspend timeout the others take
+                # their default (workflow/util/util.go OverrideOutputParametersWithDefault, which fails
+                # the node for one without); a resume by node selector, as the CLI and the UI send it,
+                # leaves them unset (util.go updateSuspendedNode), and a dependent waits forever.
+                if p["name"] == "decision" and decision is not None:
+                    value = decision
+                elif timed_out:
+                    value = vf.get("default")
+                    if value is None:
+                        phase, message = "Errored", (f"raw output parameter '{p['name']}' has not been set"
+                                                     " and does not have a default value")
+                if value is None:
+                    continue  # unset: out of scope for the dependents
             elif "path" in vf and outputs_dir is not None:
                 path = outputs_dir / vf["path"][len(OUTPUTS_DIR):].lstrip("/") if vf["path"].startswith(OUTPUTS_DIR) \
                     else Path(vf["path"])
@@ -483,12 +796,16 @@ class Runner:
                 if phase == "Succeeded":  # Argo errors the node when a declared output is missing
                     phase, message = "Errored", f"output parameter {p['name']!r} was not written"
                 continue
-            outputs[p["name"]] = value
-            self.values[f"tasks.{name}.outputs.parameters.{p['name']}"] = value
+            outputs[p["name"]] = value = str(value)
+            self._set_task_value(dag, f"tasks.{name}.outputs.parameters.{p['name']}", value)
             if p.get("globalName"):
                 self.values[f"workflow.outputs.parameters.{p['globalName']}"] = value
         node.phase, node.message, node.outputs, node.finished = phase, message, outputs, time.time()
-        self.values[f"tasks.{name}.status"] = phase
+        if timed_out and node.started is not None:
+            node.finished = node.started + suspend_seconds(template)
+        self._set_task_value(dag, f"tasks.{name}.status", "Error" if phase == "Errored" else phase)
+        if node.started is not None:
+            self._set_task_value(dag, f"tasks.{name}.finishedAt", argo_time(node.finished))
 
     def _ask(self, name: str, template: dict, inputs: dict[str, str], nodes: dict[str, Node]) -> None:
         if self.stopping.is_set():
@@ -507,12 +824,21 @@ class Runner:
         if decision is None or self.stopping.is_set():
             self._finish(name, template, "Failed", "stopped", None, nodes)
             return
+        timed_out = isinstance(decision, TimedOut)
+        if timed_out:
+            if not template["suspend"].get("duration"):
+                raise RunError(f"{name} has no suspend duration: it cannot time out")
+            decision = decision.decision
         allowed = next((p.get("enum") for p in template.get("inputs", {}).get("parameters", [])
                         if p["name"] == "decision"), None)
-        if allowed and decision not in allowed:
+        if decision is not None and allowed and decision not in allowed:
             raise RunError(f"approval answer {decision!r} is not one of {', '.join(allowed)}")
-        self.emit(name, f"approve: decision {decision}")
-        self._finish(name, template, "Succeeded", "", None, nodes, decision=decision)
+        if timed_out:
+            self.emit(name, f"approve: timed out after {suspend_seconds(template):.0f}s"
+                      + (f", with the decision {decision} set earlier" if decision else ""))
+        else:
+            self.emit(name, f"approve: decision {decision}")
+        self._finish(name, template, "Succeeded", "", None, nodes, decision=decision, timed_out=timed_out)
 
     # -- a whole DAG
     def _run_dag(self, dag: str, nodes: dict[str, Node], stoppable: bool) -> None:
@@ -538,13 +864,29 @@ class Runner:
                     continue
                 if deps and not evaluate_depends(deps, states()):
                     node.phase = "Omitted"
+                    self._decided(dag, t["name"], "Omitted")
+                    self._skipped_outputs(dag, t)
                     changed = True
                     continue
-                if t.get("when") and not evaluate_when(t["when"], self.values):
-                    node.phase = "Skipped"
-                    changed = True
-                    continue
-                self._start(t, node)
+                if t.get("when"):
+                    try:
+                        run_it = evaluate_when(t["when"], self._visible(dag, t["name"]),
+                                               self._absent(dag, t["name"]), strict=True)
+                    except Unresolved as exc:
+                        # dag.go resolveDependencyReferences: the node errors (or Argo requeues it
+                        # forever, for a missing value: locally it errors, so that the run ends).
+                        node.phase, node.message = "Errored", str(exc)
+                        self._decided(dag, t["name"], "Error")
+                        self.emit(t["name"], f"{t['name']}: Errored ({exc})")
+                        changed = True
+                        continue
+                    if not run_it:
+                        node.phase = "Skipped"
+                        self._decided(dag, t["name"], "Skipped")
+                        self._skipped_outputs(dag, t)
+                        changed = True
+                        continue
+                self._start(t, node, dag)
                 changed = True
             if changed:
                 continue
@@ -595,23 +937,47 @@ class Runner:
     def run(self) -> RunResult:
         for sub in ("outputs", "logs", "progress"):
             (self.rundir / sub).mkdir(parents=True, exist_ok=True)
+        self.started = time.time()
         self._run_dag(self.entrypoint, self.nodes, stoppable=True)
         failed = [n for n in self.nodes.values() if n.phase in ("Failed", "Errored")]
         status = "Succeeded"
         if failed or self.stopping.is_set():
             status = "Error" if any(n.phase == "Errored" for n in failed) else "Failed"
-        failures = [{"displayName": n.name, "templateName": n.template, "phase": n.phase,
-                     "message": n.message or n.phase} for n in failed]
+        # The fields and their order of operator.go's failedNodeStatus; the node phase is Argo's
+        # ("Error", where a `depends` result says "Errored").
+        failures = [{"displayName": n.name, "message": n.message or n.phase, "templateName": n.template,
+                     "phase": "Error" if n.phase == "Errored" else n.phase, "podName": f"local-{n.name}",
+                     "finishedAt": argo_time(n.finished) if n.finished else None} for n in failed]
         if self.stopping.is_set():
-            failures.append({"displayName": "run", "templateName": "", "phase": "Failed",
-                             "message": "stopped by the operator (Ctrl-C)"})
+            failures.append({"displayName": "run", "message": "stopped by the operator (Ctrl-C)",
+                             "templateName": "", "phase": "Failed", "podName": "", "finishedAt": None})
+        if failures:  # the main DAG's own node fails with its child, and is listed too
+            failures.append({"displayName": self.values["workflow.name"], "message": "",
+                             "templateName": self.entrypoint, "phase": "Error" if status == "Error" else "Failed",
+                             "podName": "", "finishedAt": argo_time(time.time())})
         self.values["workflow.status"] = status
-        self.values["workflow.failures"] = json.dumps(failures)
+        self.values["workflow.failures"] = workflow_failures(failures)
         if self.on_exit:
             self.in_exit_handler = True
             self._run_dag(self.on_exit, self.exit_nodes, stoppable=False)
+        self.finished.set()
         aborted = any(n.outputs.get("decision") == "abort" for n in self.nodes.values())
-        return RunResult(status, self.nodes, self.exit_nodes, self.stopping.is_set(), aborted, self.order)
+        result = RunResult(
+            status, self.nodes, self.exit_nodes, self.stopping.is_set(), aborted, self.order,
+            deps={t["name"]: self.task_depends(t) for t in self.dag(self.entrypoint)},
+            exit_deps={t["name"]: self.task_depends(t) for t in self.dag(self.on_exit)} if self.on_exit else {},
+            steps={t["name"]: step_name(self.templates[t["template"]])
+                   for d in filter(None, (self.entrypoint, self.on_exit)) for t in self.dag(d)},
+            transition_seconds=self.transition_seconds, started=self.started,
+        )
+        extra = result.window_extra_seconds()
+        if extra is not None:
+            starts = result.pod_starts_in_window()
+            self.emit("run", f"in a cluster the frozen window would be {extra:+.1f}s longer: "
+                      + (f"{len(starts)} task starts inside it ({', '.join(starts)}), "
+                         f"{self.transition_seconds:.0f}s each" if starts
+                         else "one pod freezes and switches, no task starts inside it"))
+        return result
 
 
 # --- Executing a step as a subprocess -------------------------------------------------
@@ -675,143 +1041,9 @@ def run_subprocess(call: StepCall, runner: Runner) -> tuple[str, str]:
     return "Failed", error or f"exit code {rc}"
 
 
-# --- Running with a console: progress, log lines, the approval prompt -----------------
+# --- Running with a console: local/display.py ------------------------------------------
 
-_STEP_LINE = re.compile(r"^(\d\d:\d\d:\d\d) (.*)$")
-_PGCOPYDB_TABLE = re.compile(r"^(\s|-)|.* \| ")
-_PGCOPYDB_LINE = re.compile(r"^(?:\d{4}-\d\d-\d\d )?\d\d:\d\d:\d\d\.\d+ +\d+ +(\w+) ")
-
-
-def _fmt_elapsed(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-class Display:
-    """Progress for the operator: a live panel on a terminal, a status line every 30 s otherwise."""
-
-    STATUS_EVERY = 30.0
-
-    def __init__(self, console, verbose: bool = False):
-        self.console = console
-        self.verbose = verbose
-        self.quiet = False
-        self.asking = False
-        self._held: list[tuple[str, str, str]] = []
-        self._held_lock = threading.Lock()
-        self.runner: Runner | None = None
-        self.started = time.time()
-        self.live = None
-        self._last_status = time.monotonic()
-        self._stop = threading.Event()
-
-    def emit(self, task: str, line: str) -> None:
-        if not self.verbose:
-            m = _PGCOPYDB_LINE.match(line)
-            if m and m[1] not in ("ERROR", "FATAL"):
-                return  # pgcopydb's own log: in the step's log file, not on the console
-            if not line.strip() or (task == "follow" and _PGCOPYDB_TABLE.match(line)):
-                return  # pgcopydb's summary tables
-
-        s = _STEP_LINE.match(line)
-        stamp, rest = (s[1], s[2]) if s else (time.strftime("%H:%M:%S", time.gmtime()), line)
-        prefix = "" if rest.startswith(f"{task}:") or task == "run" else f"[{task}] "
-        if self.quiet:
-            return
-        with self._held_lock:
-            if self.asking:  # keep the prompt readable; shown right after the answer
-                self._held.append((stamp, prefix, rest))
-                return
-        try:
-            self.console.print(f"{stamp} {prefix}{rest}", markup=False, highlight=False, soft_wrap=True)
-        except (OSError, SystemExit):
-            # The terminal went away (closed pipe, lost ssh): rich raises SystemExit then. The run
-            # must go on to its end and clean up; the step logs still have every line.
-            self.quiet = True
-
-    def progress(self) -> str | None:
-        r = self.runner
-        if r is None:
-            return None
-        try:
-            text = r.progress_file("follow").read_text().strip()
-        except OSError:
-            return None
-        return text or None
-
-    def snapshot(self) -> dict[str, str]:
-        r = self.runner
-        running = [n.name for n in (r.exit_nodes or r.nodes).values() if n.phase == "Running"] if r else []
-        from steps import state
-
-        record = state.read(r.workdir) if r else {}
-        phase = ", ".join(running) or "starting"
-        if "follow" in running and not record.get("copy_done_at"):
-            phase += " (initial copy)"
-        if r and r.in_exit_handler:
-            phase = "exit handler: " + phase
-        lag = r.values.get("tasks.wait-caught-up.outputs.parameters.lag", "-") if r else "-"
-        return {"phase": phase, "copied": self.progress() or "-", "lag": lag,
-                "elapsed": _fmt_elapsed(time.time() - self.started)}
-
-    def _render(self):
-        from rich.table import Table
-
-        snap = self.snapshot()
-        t = Table.grid(padding=(0, 2))
-        t.add_column(style="bold")
-        t.add_column()
-        t.add_row("phase", snap["phase"])
-        t.add_row("tables+indexes copied", snap["copied"])
-        t.add_row("lag", snap["lag"])
-        t.add_row("elapsed", snap["elapsed"])
-        return t
-
-    def _ticker(self) -> None:
-        while not self._stop.wait(1.0):
-            if self.live is None and time.monotonic() - self._last_status >= self.STATUS_EVERY:
-                self._last_status = time.monotonic()
-                snap = self.snapshot()
-                self.emit("run", f"status: {snap['phase']}; copied {snap['copied']}; lag {snap['lag']}; "
-                                 f"elapsed {snap['elapsed']}")
-
-    def __enter__(self) -> "Display":
-        if self.console.is_terminal:
-            from rich.live import Live
-
-            self.live = Live(get_renderable=self._render, console=self.console, refresh_per_second=2,
-                             transient=True)
-            self.live.start()
-        threading.Thread(target=self._ticker, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self.live is not None:
-            self.live.stop()
-
-    def ask(self, lag: str) -> str:
-        """The interactive approval: the lag, then cutover or abort."""
-        from rich.prompt import Prompt
-
-        if self.live is not None:
-            self.live.stop()
-        try:
-            self.console.print(f"[bold]caught up[/bold]: {lag or 'lag unknown'}")
-            self.console.print("cutover = freeze writes on the source, finish the replay, verify, "
-                               "then restart the applications on the target; abort = stop and clean up, "
-                               "the source stays the primary")
-            self.asking = True
-            return Prompt.ask("decision", choices=["cutover", "abort"], console=self.console)
-        finally:
-            with self._held_lock:
-                self.asking = False
-                held, self._held = self._held, []
-            for stamp, prefix, rest in held:
-                self.emit("run", f"{stamp} {prefix}{rest}")
-            if self.live is not None:
-                self.live.start()
+from local.display import Display  # noqa: E402
 
 
 def execute(template: dict, *, console, approve: str = "manual", verbose: bool = False, **kwargs) -> RunResult:

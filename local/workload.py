@@ -148,13 +148,22 @@ class WriterStats:
     last_ok_before_refusal: float | None = None
     first_ok_on_target_at: float | None = None
     errors: list[str] = field(default_factory=list)
+    # Every transaction that raised, whatever the error (refused counts psycopg's only).
+    failed_transactions: int = 0
+    # The longest wait for a write, in any thread: from the start of an attempt to the
+    # commit of that write, retries included (a held transaction, or errors until one commits).
+    max_write_stall_seconds: float = 0.0
 
 
 class Writer:
     """Threads inserting, updating and deleting at a steady rate as the app role."""
 
-    def __init__(self, uri: str, rate: float = 50, threads: int = 2, seed: int = 7, keyless_changes: bool = True):
+    def __init__(self, uri: str, rate: float = 50, threads: int = 2, seed: int = 7, keyless_changes: bool = True,
+                 pooled: bool = False):
         self.uri = uri
+        # Through a transaction pooler (PgBouncer 1.18): no server-side prepared statements,
+        # which a pooler cannot carry from one server connection (or database) to another.
+        self.pooled = pooled
         self.rate = rate
         self.threads = threads
         # False: only INSERTs on the table without a primary key (its UPDATE and
@@ -185,14 +194,19 @@ class Writer:
         return self.stats
 
     def _connect(self, uri: str):
+        if self.pooled:
+            return psycopg.connect(uri, autocommit=True, connect_timeout=5, prepare_threshold=None)
         return psycopg.connect(uri, autocommit=True, connect_timeout=5)
 
     def _run(self, rng: random.Random) -> None:
         interval = self.threads / self.rate if self.rate > 0 else 1.0
         conn, conn_uri = None, None
         next_at = time.monotonic()
+        pending_since: float | None = None  # the first attempt of the write not yet committed
         while not self._stop.is_set():
             uri = self._target_uri or self.uri
+            if pending_since is None:
+                pending_since = time.monotonic()
             try:
                 if conn is None or conn_uri != uri or conn.closed:
                     if conn is not None:
@@ -200,8 +214,10 @@ class Writer:
                     conn, conn_uri = self._connect(uri), uri
                 self._one(conn, rng)
                 now = time.time()
+                stall, pending_since = time.monotonic() - pending_since, None
                 with self._lock:
                     self.stats.ok += 1
+                    self.stats.max_write_stall_seconds = max(self.stats.max_write_stall_seconds, stall)
                     if uri == self._target_uri and self.stats.first_ok_on_target_at is None:
                         self.stats.first_ok_on_target_at = now
                     if self.stats.first_refused_at is None and uri != self._target_uri:
@@ -210,10 +226,19 @@ class Writer:
                 now = time.time()
                 with self._lock:
                     self.stats.refused += 1
+                    self.stats.failed_transactions += 1
                     if self.stats.first_refused_at is None and uri != self._target_uri:
                         self.stats.first_refused_at = now
                     if len(self.stats.errors) < 20:
                         self.stats.errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                if conn is not None and (conn.closed or conn.broken):
+                    conn = None
+                time.sleep(0.02)
+            except Exception as exc:  # not the database's: count it as a failed transaction all the same
+                with self._lock:
+                    self.stats.failed_transactions += 1
+                    if len(self.stats.errors) < 20:
+                        self.stats.errors.append(f"{type(exc).__name__}: {exc}"[:200])
                 if conn is not None and (conn.closed or conn.broken):
                     conn = None
                 time.sleep(0.02)

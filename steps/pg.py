@@ -54,12 +54,31 @@ def scrub(message: str, uri: str | None = None) -> str:
     return " ".join(message.split())
 
 
+def application_name(purpose: str | None) -> str:
+    """Our sessions are named db-upgrade or db-upgrade-<purpose>: freeze tells them from the application's."""
+    return "db-upgrade" if not purpose else f"db-upgrade-{purpose}"
+
+
+def read_write_options(uri: str) -> str:
+    """libpq `options` that keep our sessions read-write while the application's writes are frozen
+    (a readonly SQL may set default_transaction_read_only for the database or the role)."""
+    extra = "-c default_transaction_read_only=off"
+    try:
+        given = conninfo_to_dict(uri).get("options") or ""
+    except psycopg.ProgrammingError:
+        given = ""
+    return f"{given} {extra}".strip()
+
+
 @contextmanager
-def connect(uri: str, role: str, autocommit: bool = True, **kwargs) -> Iterator[psycopg.Connection]:
+def connect(uri: str, role: str, autocommit: bool = True, purpose: str | None = None,
+            **kwargs) -> Iterator[psycopg.Connection]:
     _parse(uri, role)
+    kwargs.setdefault("options", read_write_options(uri))
     try:
         conn = psycopg.connect(
-            uri, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT, application_name="db-upgrade", **kwargs
+            uri, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT, application_name=application_name(purpose),
+            **kwargs
         )
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

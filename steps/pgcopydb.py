@@ -156,3 +156,20 @@ def last_error(stderr: str) -> str:
     # Drop the timestamp, pid and source location pgcopydb prefixes.
     m = re.search(r"(ERROR|FATAL)\s+\S+\.c:\d+\s+(.*)", line)
     return m.group(2) if m else line.strip()
+
+
+def signal_session(sid: int, signum: int) -> None:
+    """Signal every process group in pgcopydb's session. pgcopydb is started
+    with start_new_session, so its session id is its pid; its process group may
+    differ (under bwrap, pgcopydb runs in a group of its own inside the session)."""
+    groups = {sid}
+    for pid in session_pids(sid):
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            continue
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass

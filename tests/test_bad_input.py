@@ -2,11 +2,8 @@
 one `error: ...` line naming the problem, a non-zero exit, and no change on
 either database."""
 
-import shutil
 import socket
 import subprocess
-import tempfile
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -14,8 +11,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from local import workload
-from local.servers import PgServer
-from tests.conftest import DB_UPGRADE, create_database, step_env
+from tests.conftest import DB_UPGRADE, step_env
 
 pytestmark = pytest.mark.slow
 
@@ -129,38 +125,5 @@ def test_target_not_empty(sample, tmp_path):
     print(f"\n{line}")
 
 
-@pytest.fixture(scope="module")
-def pg15_replica():
-    """A second PostgreSQL 15 server, with wal_level=replica."""
-    base = Path(tempfile.mkdtemp(prefix="db-upgrade-pg15-"))
-    server = PgServer(15, base, settings={"wal_level": "replica"}).init().start()
-    yield server
-    server.stop()
-    shutil.rmtree(base, ignore_errors=True)
-
-
-def test_target_not_newer(sample, pg15_replica, tmp_path):
-    src, _tgt, _readonly, _unfreeze = sample
-    tgt = create_database(pg15_replica.uri(), "same_major_target")
-    env = step_env(src, tgt, tmp_path / "work", DB_UPGRADE_SLOT_NAME="bad_not_newer")
-    before = fingerprint(src), fingerprint(tgt)
-    line = one_error(run_step("preflight", env), "target PostgreSQL 15 is not newer than source PostgreSQL 15")
-    assert (fingerprint(src), fingerprint(tgt)) == before
-    print(f"\n{line}")
-
-
-def test_preflight_lists_every_problem_at_once(pg15_replica, tmp_path):
-    """wal_level=replica, a table without a primary key, the same major version:
-    one run names all three."""
-    src = create_database(pg15_replica.uri(), "misconfigured_source")
-    tgt = create_database(pg15_replica.uri(), "misconfigured_target")
-    with psycopg.connect(src, autocommit=True) as conn:
-        conn.execute("CREATE TABLE no_pk (id int, note text)")
-        conn.execute("INSERT INTO no_pk VALUES (1, 'x')")
-    env = step_env(src, tgt, tmp_path / "work", DB_UPGRADE_SLOT_NAME="bad_misconfigured")
-    before = fingerprint(src), fingerprint(tgt)
-    proc = run_step("preflight", env)
-    line = one_error(proc, "3 problem(s)", "wal_level = replica", "no_pk", "is not newer")
-    assert proc.stderr.count("PROBLEM") == 3, proc.stderr
-    assert (fingerprint(src), fingerprint(tgt)) == before
-    print(f"\n{line}")
+# The misconfigured-server cases (wal_level=replica, the same major version, every
+# problem at once) are in tests/test_preflight.py, with the other preflight checks.

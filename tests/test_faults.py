@@ -1,6 +1,11 @@
-"""Faults during an upgrade, on real PostgreSQL 15 -> 17 and pgcopydb 0.17, under
-concurrent application writes. Each test ends with an exact verification
-(steps.verify plus an independent digest) and no replication slot left.
+"""Faults during an upgrade with the pgcopydb-follow engine, on real PostgreSQL
+15 -> 17 and pgcopydb 0.17, under concurrent application writes. Each test ends
+with an exact verification (steps.verify plus an independent digest) and no
+replication slot left.
+
+The follow step runs as in its pod (`db-upgrade step follow`); lag, the end
+position, reached and cleanup go through the engine's own methods, which is
+what wait-caught-up, finish, the cutover and cleanup call.
 
 Numbers (rows, times) are printed with -s; README.md ("Failure modes") has what the
 operator sees for each fault.
@@ -19,17 +24,33 @@ import pytest
 from psycopg import sql
 
 from local import workload
-from steps import catchup, cleanup, finish, freeze, verify
+from steps import freeze, state, verify
+from steps.engines.pgcopydb_follow import PgcopydbFollow
 from steps.errors import StepError
+from steps.pg import lsn
 from steps.settings import load_settings
 from tests.conftest import DB_UPGRADE, step_env
-from tests.test_upgrade_e2e import table_digests
 
 pytestmark = pytest.mark.slow
 
 # Big enough that the initial copy takes a couple of seconds (a window to kill
 # it in), small enough to load in a few seconds.
 FAULT_SIZE = 60_000
+FOLLOW_STEP = [DB_UPGRADE, "step", "follow"]
+
+
+def table_digests(uri: str) -> dict[str, tuple[int, str]]:
+    """Independent of steps.verify: every row's text, sorted, hashed."""
+    out = {}
+    with psycopg.connect(uri) as conn:
+        tables = conn.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind = 'r' AND n.nspname = %s ORDER BY 1", (workload.SCHEMA,)).fetchall()
+        for (table,) in tables:
+            out[table] = conn.execute(sql.SQL(
+                "SELECT count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM ONLY {} t"
+            ).format(sql.Identifier(workload.SCHEMA, table))).fetchone()
+    return out
 
 
 def slot_count(uri: str, slot: str) -> int:
@@ -76,12 +97,14 @@ class Run:
         settings = dict(DB_UPGRADE_SLOT_NAME=slot, DB_UPGRADE_READONLY_SQL=self.readonly,
                         DB_UPGRADE_UNFREEZE_SQL=self.unfreeze, DB_UPGRADE_LAG_THRESHOLD_BYTES=256 * 1024,
                         DB_UPGRADE_POLL_INTERVAL=0.3, DB_UPGRADE_CATCHUP_TIMEOUT=240,
-                        DB_UPGRADE_TABLE_JOBS=2, DB_UPGRADE_INDEX_JOBS=2, DB_UPGRADE_FREEZE_TIMEOUT=20)
+                        DB_UPGRADE_TABLE_JOBS=2, DB_UPGRADE_INDEX_JOBS=2, DB_UPGRADE_FREEZE_TIMEOUT=20,
+                        DB_UPGRADE_ENGINE="pgcopydb-follow")
         settings.update(extra)
         self.env = step_env(self.src_db, self.tgt_db, self.workdir, **settings)
         self.s = load_settings(**{k.removeprefix("DB_UPGRADE_").lower(): v for k, v in self.env.items()
                                   if k.startswith("DB_UPGRADE_")},
                                source_pguri=self.src_db, target_pguri=self.tgt_db)
+        self.engine = PgcopydbFollow(self.s)
         self.follow: subprocess.Popen | None = None
         self.logs: list[str] = []
         self.writer: workload.Writer | None = None
@@ -92,12 +115,24 @@ class Run:
         """The application writing, follow started, and caught up."""
         self.writer = workload.Writer(workload.app_uri(self.src_db), rate=rate, threads=threads).start()
         self.start_follow()
-        catchup.wait_caught_up(self.s)
+        self.wait_caught_up()
 
-    def start_follow(self) -> subprocess.Popen:
+    def wait_caught_up(self, timeout: float = 240) -> int:
+        """What wait-caught-up does with the engine: the copy done, the lag under the threshold."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = state.load(self.s)
+            assert not (st.follow_failed_at and not st.follow_done_at), st.follow_error
+            lag = self.engine.lag()
+            if lag is not None and lag <= self.s.lag_threshold_bytes:
+                return lag
+            assert time.monotonic() < deadline, f"not caught up (lag {lag}):\n{self.follow_log()[-3000:]}"
+            time.sleep(self.s.poll_interval)
+
+    def start_follow(self, command: list[str] = FOLLOW_STEP) -> subprocess.Popen:
         n = len(self.logs) + 1
         self._log = open(self.tmp / f"follow{n}.log", "w")
-        self.follow = subprocess.Popen([DB_UPGRADE, "step", "follow"], env=self.env, stdout=self._log,
+        self.follow = subprocess.Popen(command, env=self.env, stdout=self._log,
                                        stderr=subprocess.STDOUT, text=True)
         self.logs.append(str(self.tmp / f"follow{n}.log"))
         return self.follow
@@ -187,19 +222,46 @@ class Run:
         raise AssertionError(f"the copy never got midway; log:\n{self.follow_log()[-3000:]}")
 
     # -- the end of an upgrade ------------------------------------------
+    def set_end(self) -> str:
+        """What finish (and the cutover) does with the engine."""
+        return self.engine.set_end()
+
+    def wait_reached(self, end: str, timeout: float = 120, retry: bool = False) -> float:
+        """The cutover's drain: until the engine says the target has everything before
+        the end. With retry, a follow step that fails meanwhile is run again, as Argo's
+        retry does."""
+        t = time.monotonic()
+        while not self.engine.reached(end):
+            if self.follow.poll() not in (None, 0):
+                assert retry, f"follow failed before the end {end} was reached:\n{self.follow_log()[-3000:]}"
+                self.retry_follow()
+            assert time.monotonic() - t < timeout, f"end {end} never reached:\n{self.follow_log()[-3000:]}"
+            time.sleep(0.05)
+        return time.monotonic() - t
+
+    def retry_follow(self) -> None:
+        self._log.close()
+        self.follow_retries += 1
+        print(f"\nfollow failed after the endpos was set, retrying it: "
+              f"{[ln for ln in self.follow_log().splitlines() if ln.startswith('error:')]}")
+        self.start_follow()
+
     def cut_over(self) -> verify.VerifyReport:
-        """wait-caught-up, freeze, finish, follow exits 0, verify."""
-        catchup.wait_caught_up(self.s)
+        """wait-caught-up, freeze, the end position, the target reaches it, follow exits 0, verify."""
+        t0 = time.monotonic()
+        self.wait_caught_up()
+        t1 = time.monotonic()
         time.sleep(1)
         freeze.freeze(self.s)
-        finish.finish(self.s)
+        t2 = time.monotonic()
+        end = self.set_end()
+        drained = self.wait_reached(end, timeout=180, retry=True)
+        print(f"\ncut over: caught up {t1 - t0:.1f}s, freeze (settle included) {t2 - t1 - 1:.1f}s, "
+              f"end set -> reached {drained:.2f}s")
         rc = self.wait_follow()
         if rc != 0:
             # What Argo's retry of the follow step does; counted, and reported by -s.
-            self.follow_retries += 1
-            print(f"\nfollow failed after the endpos was set, retrying it: "
-                  f"{[ln for ln in self.follow_log().splitlines() if ln.startswith('error:')]}")
-            self.start_follow()
+            self.retry_follow()
             rc = self.wait_follow()
         assert rc == 0, self.follow_log()[-4000:]
         if self.writer:
@@ -237,7 +299,7 @@ class Run:
             except AssertionError:
                 pass
         try:
-            cleanup.cleanup(self.s)
+            self.engine.cleanup()
         except StepError as exc:
             print(f"cleanup after the test: {exc}")
         for uri in (self.src_db,):
@@ -267,8 +329,8 @@ def test_sigkill_during_initial_copy_restarts_the_copy(pair, dbs, tmp_path):
         log = r.follow_log()
         assert "RESTARTING THE COPY FROM SCRATCH" in log, log[-3000:]
         assert "dropped replication slot" in log
-        restarts = __import__("steps.state", fromlist=["read"]).read(r.workdir)["copy_restarts"]
-        assert len(restarts) == 1
+        restarts = state.load(r.s).copy_restarts
+        assert len(restarts) == 1 and "interrupted during the initial copy" in restarts[0]["reason"], restarts
         rows = sum(t.source_rows for t in report.tables)
         print(f"\nfault 1: load {r.load_seconds:.1f}s, killed after {t_kill:.1f}s ({done} tables done, "
               f"{busy} in progress); restart to verified {time.monotonic() - t1:.1f}s; {rows} rows exact; "
@@ -317,7 +379,7 @@ def test_sigterm_then_sigkill_during_follow_resume_streaming(pair, dbs, tmp_path
         time.sleep(1.5)  # the application keeps writing while follow is down
         r.start_follow()
         wait_log(r, "follow: resuming the interrupted run")
-        catchup.wait_caught_up(r.s)
+        r.wait_caught_up()
         time.sleep(1.5)
         # Fault 2: SIGKILL of everything, with the message being written torn in half.
         r.kill_all()
@@ -341,24 +403,27 @@ def test_finish_before_catch_up_and_twice(pair, dbs, tmp_path):
         r.writer = workload.Writer(workload.app_uri(r.src_db), rate=100, threads=2).start()
         r.start_follow()
         deadline = time.monotonic() + 60
-        from steps.sentinel import started
+        from steps.engines.pgcopydb_follow.sentinel import started
 
         while not started(r.workdir):  # pgcopydb's sentinel and snapshot are registered: the copy starts
             assert time.monotonic() < deadline and r.follow.poll() is None, r.follow_log()[-3000:]
             time.sleep(0.02)
         r.writer.stop()  # the application stopped (no freeze SQL needed for this test)
-        endpos = finish.finish(r.s)
-        assert endpos > 0
+        assert r.engine.lag() is None  # the copy runs
+        endpos = r.set_end()
+        assert lsn(endpos) > 0
         assert r.catalog("SELECT apply FROM sentinel")[0] in (0, "0")  # still copying when finish ran
-        assert finish.finish(r.s) == endpos
+        assert not r.engine.reached(endpos)  # the origin sits at the copy's snapshot, the copy runs
+        assert r.set_end() == endpos
+        r.wait_reached(endpos)
         assert r.wait_follow() == 0, r.follow_log()[-3000:]
-        assert finish.finish(r.s) == endpos
+        assert r.set_end() == endpos and r.engine.reached(endpos)
         # The sequence reset follow runs itself when pgcopydb fails on its way out after the endpos.
         with psycopg.connect(r.tgt_db, autocommit=True) as conn:
             conn.execute(sql.SQL("SELECT setval({}, 1)").format(sql.Literal(f"{workload.SCHEMA}.orders_id_seq")))
         with pytest.raises(StepError, match="sequences behind"):
             verify.verify(r.s)
-        from steps.follow import reset_sequences
+        from steps.engines.pgcopydb_follow.follow import reset_sequences
 
         reset_sequences(r.s)
         report = verify.verify(r.s)
@@ -372,10 +437,11 @@ def test_abort_after_approval_wait(pair, dbs, tmp_path):
     cleanup. The source stays writable, no slot, the target is left as it was."""
     with Run(pair, dbs, tmp_path, "fault_abort") as r:
         r.start_caught_up(rate=100, threads=2)
-        finish.finish(r.s)
+        end = r.set_end()
+        r.wait_reached(end)
         assert r.wait_follow() == 0, r.follow_log()[-3000:]
-        proc = subprocess.run([DB_UPGRADE, "step", "cleanup"], env=r.env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
+        r.engine.cleanup()
+        r.engine.cleanup()  # idempotent
         refused_before = r.writer.stats.refused
         time.sleep(1)
         stats = r.writer.stop()
@@ -387,7 +453,11 @@ def test_abort_after_approval_wait(pair, dbs, tmp_path):
                 sql.Identifier(workload.SCHEMA, "customers"))).fetchone()[0]
             origins = conn.execute("SELECT count(*) FROM pg_replication_origin WHERE roname = %s",
                                    (r.slot,)).fetchone()[0]
-        assert n >= workload.SIZES["small"] and origins == 0
+            left = conn.execute("SELECT to_regnamespace('pgcopydb'), to_regclass('db_upgrade.heartbeat')").fetchone()
+        assert n >= workload.SIZES["small"] and origins == 0 and left == (None, None), (n, origins, left)
+        with psycopg.connect(r.src_db) as conn:
+            assert conn.execute("SELECT to_regnamespace('pgcopydb'), to_regclass('db_upgrade.heartbeat')"
+                                ).fetchone() == (None, None)
         print(f"\nfault 6: aborted; source writable ({stats.ok} writes, none refused), target kept ({n} customers)")
 
 
@@ -396,10 +466,10 @@ def test_failure_after_freeze_unfreezes(pair, dbs, tmp_path):
     the application role its writes back."""
     with Run(pair, dbs, tmp_path, "fault_after_freeze") as r:
         r.start_follow()
-        catchup.wait_caught_up(r.s)
+        r.wait_caught_up()
         freeze.freeze(r.s)
         assert not app_can_write(r.src_db)
-        finish.finish(r.s)
+        r.wait_reached(r.set_end())
         assert r.wait_follow() == 0, r.follow_log()[-3000:]
         with psycopg.connect(r.tgt_db, autocommit=True) as conn:  # the target loses a row
             conn.execute(sql.SQL("DELETE FROM {} WHERE id = (SELECT max(id) FROM {})").format(
@@ -422,7 +492,7 @@ def test_long_transaction_at_freeze(pair, dbs, tmp_path):
     with Run(pair, dbs, tmp_path, "fault_long_txn", DB_UPGRADE_FREEZE_TIMEOUT=2) as r:
         audit = sql.Identifier(workload.SCHEMA, workload.AUDIT)
         r.start_follow()
-        catchup.wait_caught_up(r.s)
+        r.wait_caught_up()
         long = psycopg.connect(workload.app_uri(r.src_db))
         long.execute(sql.SQL("INSERT INTO {} (actor, detail) VALUES ('long', 'open across a freeze')").format(audit))
         t = time.monotonic()
@@ -444,7 +514,7 @@ def test_long_transaction_at_freeze(pair, dbs, tmp_path):
         long.close()
         assert waited2 >= 1.0
         assert not app_can_write(r.src_db)
-        finish.finish(r.s)
+        r.wait_reached(r.set_end())
         assert r.wait_follow() == 0, r.follow_log()[-3000:]
         verify.verify(r.s)
         with psycopg.connect(r.tgt_db) as conn:
@@ -457,7 +527,7 @@ def test_long_transaction_at_freeze(pair, dbs, tmp_path):
 def test_endpos_loop_detector():
     """pgcopydb 0.17's endless restart after its apply reached the endpos (log
     lines as measured on an abort under writes) is recognised; a normal end is not."""
-    from steps.follow import EndposLoop
+    from steps.engines.pgcopydb_follow.follow import EndposLoop
 
     stuck = """\
 INFO   ld_replay.c:241           Replay reached end position 0/12DD6448 at 0/12DD6408
@@ -498,7 +568,7 @@ def test_server_restarts_during_follow(pair, dbs, tmp_path):
         pair.source.restart()
         time.sleep(1)
         notes.append(restart_follow_if_it_died(r, "source restart"))
-        catchup.wait_caught_up(r.s)
+        r.wait_caught_up()
         time.sleep(1)
         # The apply is held up on the target (a lock) while the application
         # writes on and the source switches WAL segments, then the target

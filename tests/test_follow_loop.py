@@ -1,7 +1,7 @@
 """pgcopydb 0.17 restarting its follow loop forever after the endpos: both forms
 seen on real runs are recognised, and a run still on its way is not."""
 
-from steps.follow import EndposLoop
+from steps.engines.pgcopydb_follow.follow import EndposLoop
 
 STREAM_FORM = """\
 INFO   ld_stream.c:518   Streamed up to write_lsn 0/15AD7568, flush_lsn 0/15AD7568, stopping: endpos is 0/15AD7E68
@@ -41,4 +41,11 @@ def test_copy_phase_stop_with_no_endpos_is_not_stuck():
 def test_replay_reached_form():
     lines = ["Replay reached end position 0/10 at 0/8"] + ["Current sentinel replay_lsn is 0/8, endpos is 0/10"] * 2
     results, loop = feed(lines)
-    assert results == [False, False, True] and loop.endpos_text == "0/10"
+    assert results == [False, False, True] and loop.endpos_text == "0/10" and loop.reached_endpos
+
+
+def test_only_the_apply_statement_counts_as_reached():
+    # follow trusts "Replay reached end position" when pgcopydb exits right after
+    # it (exit 12 on a broken pipe); the stream form never sets it.
+    assert not feed(STREAM_FORM)[1].reached_endpos
+    assert feed(["Replay reached end position 0/12E88410 at 0/12E882A8"])[1].reached_endpos

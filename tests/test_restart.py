@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tests.fakes.kube import FakeKube
-from steps import restart as r
 from steps.errors import StepError
+from steps.switch import restart as r
+from tests.fakes.kube import FakeKube
 
 
 @pytest.fixture
@@ -129,3 +129,25 @@ def test_command_reads_the_environment_and_kubeconfig(kube, tmp_path, monkeypatc
     r.command()
     assert (tmp_path / "out/restart-started").exists()
     assert not (tmp_path / "out/write-downtime-seconds").exists()
+
+
+def test_restart_switch_checks_without_patching_then_restarts(kube, tmp_path):
+    from steps.switch.restart import RestartSwitch
+
+    kube.add("api")
+    kube.polls_to_complete = 1
+    sw = RestartSwitch(settings(tmp_path, deployments="api"))
+    sw.check()
+    sw.hold()
+    sw.release()
+    assert patches(kube) == []  # nothing changed before the switch
+    sw.switch()
+    assert [p for p, _, _ in patches(kube)] == ["/apis/apps/v1/namespaces/shop/deployments/api"]
+
+
+def test_restart_switch_check_names_a_missing_deployment(kube, tmp_path):
+    from steps.switch.restart import RestartSwitch
+
+    kube.add("api")
+    with pytest.raises(StepError, match=r"^deployment 'worker' in namespace 'shop' not found$"):
+        RestartSwitch(settings(tmp_path)).check()

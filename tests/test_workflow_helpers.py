@@ -50,7 +50,7 @@ def dag_tasks(wt: dict, dag: str) -> list[dict]:
 
 
 # --- A small model of Argo's DAG semantics, enough to check every branch ---------------
-RESULTS = ("Succeeded", "Failed", "Errored", "Skipped")
+RESULTS = ("Succeeded", "Failed", "Errored", "Skipped", "Omitted")
 
 
 def _to_python(expr: str) -> str:
@@ -77,6 +77,7 @@ def simulate(wt: dict, *, params: dict | None = None, decision: str = "cutover",
     """Node states of one run: tasks listed in dependency order; a task that runs ends with
     outcomes.get(name, 'Succeeded'); `approve` yields `decision`."""
     params = {"approval": "manual", "mode": "upgrade", "keep-slot-on-failure": "false", "keep-scratch": "false",
+              "skip-verify-preparation": "false", "run-id": "",
               **(params or {})}
     values = {f"workflow.parameters.{k}": v for k, v in params.items()} | (extra_values or {})
     outcomes = outcomes or {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
@@ -88,6 +88,9 @@ class ServiceFile(_Model):
 class Connections(_Model):
     source: Endpoint
     target: Endpoint
+    # What the target SERVER uses to reach the source (the native engine's
+    # subscription; stored in the target's pg_subscription). Default: source.
+    subscription: Endpoint | None = None
     service_file: ServiceFile | None = None
 
 
@@ -108,6 +111,42 @@ class Restart(_Model):
         if self.selector is not None and not self.selector.strip():
             raise ValueError("selector is empty")
         return self
+
+
+class PgBouncerTarget(_Model):
+    """The new database as PgBouncer reaches it; no password (PgBouncer's auth_file or auth_query)."""
+
+    host: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:/%-]{1,255}$")]
+    port: Annotated[int, Field(ge=1, le=65535)] = 5432
+    dbname: Annotated[str, Field(min_length=1, max_length=63)]
+    user: Annotated[str, Field(min_length=1, max_length=63)] | None = None
+
+
+class PgBouncerVolume(_Model):
+    claim_name: K8sName  # a PVC in the workflow's namespace, mounted at dirname(include_file)
+
+
+class PgBouncerSwitch(_Model):
+    admin_uri: Endpoint  # a Secret key: the admin console URI holds a password
+    database: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,63}$")]
+    include_file: Annotated[str, Field(pattern=r"^/\S+$")]  # absolute, in the cutover pod
+    volume: PgBouncerVolume
+    target: PgBouncerTarget
+    pause_timeout_seconds: Seconds = 10
+
+    @field_validator("admin_uri")
+    @classmethod
+    def _secret_only(cls, v: Endpoint) -> Endpoint:
+        if v.uri is not None:
+            raise ValueError("must be a Secret key (secret and key): the admin URI holds a password")
+        return v
+
+
+class Switch(_Model):
+    """How the applications move at the cutover (steps/switch/, docs/switch.md)."""
+
+    strategy: Literal["none", "restart", "pgbouncer"] = "restart"
+    pgbouncer: PgBouncerSwitch | None = None
 
 
 class AccessMode(str, Enum):
@@ -132,6 +171,32 @@ class Timeouts(_Model):
     catch_up_seconds: Seconds = 86400
     approval_seconds: Seconds = 4 * 3600
     freeze_seconds: Seconds = 120
+    # Inside the window: the drain to the end position.
+    drain_seconds: Seconds = 120
+    # Writes allowed: how long the cutover waits for the verify preparation.
+    verify_prepare_seconds: Seconds = 6 * 3600
+
+
+Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")]
+
+
+class ResourceSpec(_Model):
+    """One container's requests and limits. CPU is requested, never limited
+    (a throttled cutover is a longer frozen window)."""
+
+    cpu: Quantity
+    memory: Quantity
+    memory_limit: Quantity
+
+
+class Resources(_Model):
+    """Per template, measured: the bench's peak RSS of the step process was 52-85 MB,
+    of pgcopydb's processes 175-212 MB during a copy (README, Performance)."""
+
+    default: ResourceSpec = ResourceSpec(cpu="100m", memory="128Mi", memory_limit="256Mi")
+    follow: ResourceSpec = ResourceSpec(cpu="1", memory="512Mi", memory_limit="1Gi")
+    verify_prepare: ResourceSpec = ResourceSpec(cpu="250m", memory="256Mi", memory_limit="512Mi")
+    cutover: ResourceSpec = ResourceSpec(cpu="500m", memory="256Mi", memory_limit="512Mi")
 
 
 class Rehearsal(_Model):
@@ -143,6 +208,11 @@ class Rehearsal(_Model):
     suspend: bool = False
 
 
+class Engine(str, Enum):
+    native = "native"
+    pgcopydb_follow = "pgcopydb-follow"
+
+
 class Config(_Model):
     name: Name
     database_id: Name
@@ -151,13 +221,42 @@ class Config(_Model):
     image: Image
     connections: Connections
     sql_config_map: Label  # also the volume name, hence a DNS label
-    restart: Restart
+    restart: Restart | None = None  # switch.strategy restart: the deployments to restart
+    switch: Switch = Switch()
+    # How the target is kept in sync: PostgreSQL's logical replication (native)
+    # or pgcopydb's change stream (pgcopydb-follow, known data limits: README).
+    engine: Engine = Engine.native
+    # The roles the applications log in as: fenced on the target until the switch.
+    application_roles: list[Annotated[str, Field(min_length=1, max_length=63)]] = []
     volume: Volume = Volume()
     pgcopydb: Pgcopydb = Pgcopydb()
     lag_threshold_bytes: Annotated[int, Field(ge=0)] = 1024 * 1024
     timeouts: Timeouts = Timeouts()
     follow_grace_period_seconds: Seconds = 300
     rehearsal: Rehearsal = Rehearsal()
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _switch_configured(self) -> Config:
+        if self.switch.strategy == "restart" and self.restart is None:
+            raise ValueError("switch.strategy restart needs the restart section (deployments or selector)")
+        if self.switch.strategy == "pgbouncer" and self.switch.pgbouncer is None:
+            raise ValueError("switch.strategy pgbouncer needs the switch.pgbouncer section")
+        return self
+
+    @property
+    def switch_service_account(self) -> str:
+        """The cutover pod's: the only one that may move the applications."""
+        return f"{self.service_account}-switch"[:253]
+
+    @property
+    def report_service_account(self) -> str:
+        """The report pod's: the only one that may write the history ConfigMap."""
+        return f"{self.service_account}-report"[:253]
+
+    @property
+    def history_config_map(self) -> str:
+        return f"db-upgrade-history-{self.database_id}"
 
     @property
     def template_name(self) -> str:
@@ -170,7 +269,7 @@ class Config(_Model):
 
     @property
     def restart_namespace(self) -> str:
-        return self.restart.namespace or self.namespace
+        return (self.restart.namespace if self.restart else None) or self.namespace
 
 
 def _loc(loc: tuple) -> str:

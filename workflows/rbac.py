@@ -18,6 +18,8 @@ def _meta(name: str, namespace: str) -> dict:
 
 
 def deployment_rules(cfg: Config) -> list[dict]:
+    if cfg.restart is None:
+        return []
     if cfg.restart.deployments:
         # Named deployments: resourceNames pins the permission to exactly those.
         return [
@@ -38,33 +40,45 @@ EXECUTOR_RULES = [
 ]
 
 
-def _binding(name: str, namespace: str, cfg: Config) -> dict:
+def history_rules(cfg: Config) -> list[dict]:
+    # get/update can be pinned to the one ConfigMap; create cannot (the name does not exist yet).
+    return [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [cfg.history_config_map],
+         "verbs": ["get", "update"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+    ]
+
+
+def _binding(name: str, namespace: str, cfg: Config, accounts: list[str]) -> dict:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
         "metadata": _meta(name, namespace),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": cfg.service_account, "namespace": cfg.namespace}],
+        "subjects": [{"kind": "ServiceAccount", "name": a, "namespace": cfg.namespace} for a in accounts],
     }
 
 
+def _role(name: str, namespace: str, rules: list[dict]) -> dict:
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(name, namespace),
+            "rules": copy.deepcopy(rules)}
+
+
 def documents(cfg: Config) -> list[dict]:
+    """Three ServiceAccounts, least privilege each: every pod may report its own
+    results; only the cutover pod (the switch) may patch the Deployments; only the
+    report pod may write the history ConfigMap."""
     executor = f"{cfg.template_name}-executor"
     restart = f"{cfg.template_name}-restart"
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(cfg.service_account, cfg.namespace)},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": _meta(executor, cfg.namespace),
-            "rules": copy.deepcopy(EXECUTOR_RULES),
-        },
-        _binding(executor, cfg.namespace, cfg),
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": _meta(restart, cfg.restart_namespace),
-            "rules": deployment_rules(cfg),
-        },
-        _binding(restart, cfg.restart_namespace, cfg),
+    history = f"{cfg.template_name}-history"
+    accounts = [cfg.service_account, cfg.switch_service_account, cfg.report_service_account]
+    docs = [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(a, cfg.namespace)} for a in accounts]
+    docs += [_role(executor, cfg.namespace, EXECUTOR_RULES), _binding(executor, cfg.namespace, cfg, accounts)]
+    if cfg.switch.strategy == "restart":  # pgbouncer and none need no Kubernetes permission
+        docs += [_role(restart, cfg.restart_namespace, deployment_rules(cfg)),
+                 _binding(restart, cfg.restart_namespace, cfg, [cfg.switch_service_account])]
+    docs += [
+        _role(history, cfg.namespace, history_rules(cfg)),
+        _binding(history, cfg.namespace, cfg, [cfg.report_service_account]),
     ]
+    return docs

@@ -4,15 +4,18 @@ Every pod runs `db-upgrade step NAME` with values passed as env vars (never spli
 into a script or SQL). The DAG, and why each `depends` is written the way it is:
 
     create-scratch-target (rehearsal) -> preflight -> grant-replication -> follow
-                                                     grant-replication -> wait-caught-up -> approve
-    approve (cutover) -> freeze -> finish;  approve (abort) -> finish
-    follow + finish Succeeded -> verify -> cleanup -> restart (only after a real freeze)
-    freeze failed, or finish failed after freeze -> unfreeze
-    onExit: report; on failure unfreeze-after-failure, cleanup-after-failure; drop-scratch-target
+                                                     grant-replication -> wait-caught-up
+    wait-caught-up -> verify-prepare;  wait-caught-up -> approve (manual)
+    approve (cutover) -> cutover: settle, freeze, drain, verify, switch, in ONE pod
+    cutover (any end), approve or wait-caught-up failed -> finish (sets the end if none: follow stops)
+    cutover Succeeded or Skipped + follow Succeeded -> cleanup
+    onExit: report; on failure unfreeze-after-failure (decides from the run state),
+            cleanup-after-failure; drop-scratch-target
 
-Argo's bare `depends: a` also matches a.Skipped, so every edge names its result.
-README.md ("The upgrade workflow") has the diagram and the operator's view; tests/test_workflow_template.py
-simulates every branch.
+No pod starts inside the frozen window: the cutover pod starts before the
+freeze and switches itself. Argo's bare `depends: a` also matches a.Skipped, so
+every edge names its result. README.md ("The upgrade workflow") has the diagram
+and the operator's view; tests/test_workflow_template.py simulates every branch.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from hera.workflows import (
     ConfigMapVolume,
     Container,
     EmptyDirVolume,
+    ExistingVolume,
     Env,
     Parameter,
     SecretEnv,
@@ -32,19 +36,16 @@ from hera.workflows import (
     WorkflowTemplate,
 )
 from hera.workflows.models import (
-    Affinity,
     Capabilities,
     Counter,
     Gauge,
     KeyToPath,
-    LabelSelector,
     Metrics,
     MetricLabel,
     Mutex,
-    PodAffinity,
-    PodAffinityTerm,
     PodGC,
     PodSecurityContext,
+    ResourceRequirements,
     Prometheus,
     SeccompProfile,
     SecurityContext,
@@ -54,7 +55,7 @@ from hera.workflows.models import (
     ValueFrom,
 )
 
-from workflows.config import AccessMode, Config
+from workflows.config import Config
 
 WORK_DIR = "/var/lib/db-upgrade/work"
 OUTPUTS_DIR = "/tmp/outputs"
@@ -70,14 +71,18 @@ P_MODE = "'{{workflow.parameters.mode}}'"
 DECISION = "'{{tasks.approve.outputs.parameters.decision}}'"
 CUTOVER = f"({P_APPROVAL} == 'auto' || {DECISION} == 'cutover')"
 FAILED = "'{{workflow.status}}' != 'Succeeded'"
-# Global outputs exist only once freeze (restart) has written them; unresolved, they
-# stay literal text and do not match.
-FROZEN = "'{{workflow.outputs.parameters.frozen-at}}' =~ '^[0-9]+'"
-RESTART_STARTED = "'{{workflow.outputs.parameters.restart-started}}' =~ '^[0-9]+'"
+KEEP_SLOT = "'{{workflow.parameters.keep-slot-on-failure}}' == 'true'"
+# Short steps: connect, do one thing, leave. Every pod has a deadline.
+SHORT_DEADLINE = 900
 
 
 def _any_end(task: str) -> str:
     return f"{task}.Succeeded || {task}.Skipped || {task}.Failed || {task}.Errored"
+
+
+def _done(task: str) -> str:
+    """Ended in any way, not started included: for exit-handler steps that must run regardless."""
+    return f"{_any_end(task)} || {task}.Omitted"
 
 
 def _failed(task: str) -> str:
@@ -128,36 +133,20 @@ class _Builder:
             allow_privilege_escalation=False,
             capabilities=Capabilities(drop=["ALL"]),
         )
-        # With RWO the volume attaches to one node: pods that run while follow holds
-        # it must land on follow's node. Pods after follow ended must not carry this:
-        # the scheduler ignores finished pods, so they would stay Pending forever.
-        self.near_follow = (
-            Affinity(
-                pod_affinity=PodAffinity(
-                    required_during_scheduling_ignored_during_execution=[
-                        PodAffinityTerm(
-                            topology_key="kubernetes.io/hostname",
-                            label_selector=LabelSelector(
-                                match_labels={
-                                    "workflows.argoproj.io/workflow": "{{workflow.name}}",
-                                    ROLE_LABEL: "follow",
-                                }
-                            ),
-                        )
-                    ]
-                )
-            )
-            if cfg.volume.access_mode == AccessMode.rwo
-            else None
-        )
 
     def db_env(self, *, sql: bool = False) -> list:
         cfg = self.cfg
         env = [
             _uri_env("PGCOPYDB_SOURCE_PGURI", cfg.connections.source),
             _uri_env("PGCOPYDB_TARGET_PGURI", cfg.connections.target),
+            # The key of the run's record: this workflow's name, unless the recover
+            # entrypoint is pointed at another (terminated) run with -p run-id=NAME.
+            Env(name="DB_UPGRADE_RUN_ID", value="{{workflow.parameters.run-id}}"),
+            Env(name="DB_UPGRADE_WORKFLOW_NAME", value="{{workflow.name}}"),
+            Env(name="DB_UPGRADE_ENGINE", value=cfg.engine.value),
             Env(name="DB_UPGRADE_DIR", value=WORK_DIR),
             Env(name="DB_UPGRADE_MODE", value="{{workflow.parameters.mode}}"),
+            Env(name="DB_UPGRADE_APP_ROLES", value=",".join(cfg.application_roles)),
             Env(name="DB_UPGRADE_PLUGIN", value=cfg.pgcopydb.plugin),
             Env(name="DB_UPGRADE_TABLE_JOBS", value=str(cfg.pgcopydb.table_jobs)),
             Env(name="DB_UPGRADE_INDEX_JOBS", value=str(cfg.pgcopydb.index_jobs)),
@@ -165,7 +154,10 @@ class _Builder:
             Env(name="DB_UPGRADE_CATCHUP_TIMEOUT", value=str(cfg.timeouts.catch_up_seconds)),
             Env(name="DB_UPGRADE_FREEZE_TIMEOUT", value=str(cfg.timeouts.freeze_seconds)),
             Env(name="DB_UPGRADE_SCRATCH_DATABASE", value=cfg.rehearsal.scratch_database),
+            Env(name="DB_UPGRADE_KEEP_SLOT", value="false"),
         ]
+        if cfg.connections.subscription is not None:
+            env.append(_uri_env("DB_UPGRADE_SUBSCRIPTION_PGURI", cfg.connections.subscription))
         if self.service_file:
             env.append(Env(name="PGSERVICEFILE", value=f"{SERVICE_FILE_DIR}/pg_service.conf"))
         if sql:
@@ -175,21 +167,60 @@ class _Builder:
             ]
         return env
 
+    def switch_env(self) -> list:
+        """The cutover's switch strategy (steps/switch/) and its settings."""
+        cfg = self.cfg
+        sw = cfg.switch
+        env = [Env(name="DB_UPGRADE_SWITCH", value=sw.strategy)]
+        if sw.strategy == "restart" and cfg.restart is not None:
+            env += [
+                Env(name="DB_UPGRADE_RESTART_NAMESPACE", value=cfg.restart_namespace),
+                Env(name="DB_UPGRADE_RESTART_DEPLOYMENTS", value=",".join(cfg.restart.deployments or [])),
+                Env(name="DB_UPGRADE_RESTART_SELECTOR", value=cfg.restart.selector or ""),
+                Env(name="DB_UPGRADE_RESTART_TIMEOUT", value=str(cfg.restart.timeout_seconds)),
+            ]
+        if sw.strategy == "pgbouncer" and sw.pgbouncer is not None:
+            pb = sw.pgbouncer
+            env += [
+                _uri_env("DB_UPGRADE_PGBOUNCER_ADMIN_PGURI", pb.admin_uri),
+                Env(name="DB_UPGRADE_PGBOUNCER_DATABASE", value=pb.database),
+                Env(name="DB_UPGRADE_PGBOUNCER_INCLUDE_FILE", value=pb.include_file),
+                Env(name="DB_UPGRADE_PGBOUNCER_TARGET_HOST", value=pb.target.host),
+                Env(name="DB_UPGRADE_PGBOUNCER_TARGET_PORT", value=str(pb.target.port)),
+                Env(name="DB_UPGRADE_PGBOUNCER_TARGET_DBNAME", value=pb.target.dbname),
+                Env(name="DB_UPGRADE_PGBOUNCER_TARGET_USER", value=pb.target.user or ""),
+                Env(name="DB_UPGRADE_PGBOUNCER_PAUSE_TIMEOUT", value=str(pb.pause_timeout_seconds)),
+            ]
+        return env
+
+    def switch_volumes(self) -> list:
+        """PgBouncer's include file lives on a volume the cutover pod mounts too."""
+        pb = self.cfg.switch.pgbouncer
+        if self.cfg.switch.strategy != "pgbouncer" or pb is None:
+            return []
+        import posixpath
+
+        return [ExistingVolume(name="pgbouncer-config", claim_name=pb.volume.claim_name,
+                               mount_path=posixpath.dirname(pb.include_file))]
+
     def step(
         self,
         name: str,
         *,
+        command: str | None = None,
         db: bool = True,
         work: bool = False,
         sql: bool = False,
-        near_follow: bool = False,
-        deadline: int | None = None,
+        deadline: int = SHORT_DEADLINE,
         outputs: list[Parameter] | None = None,
         inputs: list[Parameter] | None = None,
         env: list | None = None,
+        resources=None,
+        volumes: list | None = None,
         **extra,
     ) -> Container:
-        volumes = list(self.scratch)
+        extra_volumes = volumes or []
+        volumes = list(self.scratch) + extra_volumes
         if work:
             volumes.append(self.work)
         if sql:
@@ -197,19 +228,24 @@ class _Builder:
         if db and self.service_file:
             volumes.append(self.service_file)
         common = [Env(name="HOME", value="/tmp"), Env(name="DB_UPGRADE_OUTPUTS", value=OUTPUTS_DIR)]
-        affinity = self.near_follow if near_follow else None
+        env = common + (self.db_env(sql=sql) if db else []) + (env or [])
+        # A later entry of the same name wins in Kubernetes, but duplicates are confusing: keep the last.
+        seen: dict[str, object] = {}
+        for e in env:
+            seen[e.name] = e
+        spec = resources or self.cfg.resources.default
         return Container(
             name=name,
             image=self.cfg.image.ref,
-            args=["step", name],
-            env=common + (self.db_env(sql=sql) if db else []) + (env or []),
+            resources=ResourceRequirements(requests={"cpu": spec.cpu, "memory": spec.memory},
+                                           limits={"memory": spec.memory_limit}),
+            args=["step", command or name],
+            env=list(seen.values()),
             volumes=volumes,
             security_context=self.security,
-            affinity=affinity,
+            # Never `timeout` as well: on a container template it replaces this
+            # deadline (workflow/controller/workflowpod.go).
             active_deadline_seconds=deadline,
-            # activeDeadlineSeconds starts when the pod runs; `timeout` also counts a
-            # pod stuck Pending (its affinity target gone), so nothing waits forever.
-            timeout=f"{deadline + 300}s" if (deadline and affinity) else None,
             inputs=inputs,
             outputs=outputs,
             **extra,
@@ -222,6 +258,10 @@ def _out(name: str, *, default: str | None = None, global_name: str | None = Non
         value_from=ValueFrom(path=f"{OUTPUTS_DIR}/{name}", default=default),
         global_name=global_name,
     )
+
+
+def _supplied(name: str, default: str) -> Parameter:
+    return Parameter(name=name, value_from=ValueFrom(supplied=SuppliedValueFrom(), default=default))
 
 
 def _metrics(cfg: Config) -> Metrics:
@@ -248,13 +288,50 @@ def _metrics(cfg: Config) -> Metrics:
     )
 
 
+def _cutover_metrics(cfg: Config) -> Metrics:
+    labels = [MetricLabel(key="database", value=cfg.database_id),
+              MetricLabel(key="mode", value="{{workflow.parameters.mode}}")]
+    return Metrics(
+        prometheus=[
+            Prometheus(
+                name="db_upgrade_write_downtime_seconds",
+                help="Seconds application writes were frozen: from the freeze to the completed switch",
+                labels=labels,
+                when="{{status}} == Succeeded && {{workflow.parameters.mode}} == upgrade",
+                gauge=Gauge(value="{{outputs.parameters.write-downtime-seconds}}", realtime=False),
+            ),
+            Prometheus(
+                name="db_upgrade_predicted_write_downtime_seconds",
+                help="Rehearsal: the write-downtime a cutover would have had (drain and bounded verify measured)",
+                labels=labels,
+                when="{{status}} == Succeeded && {{workflow.parameters.mode}} == rehearsal",
+                gauge=Gauge(value="{{outputs.parameters.predicted-write-downtime-seconds}}", realtime=False),
+            ),
+        ]
+    )
+
+
+def _report_metrics(cfg: Config) -> Metrics:
+    """Per run, rehearsals especially: the trend of copy and catch-up time."""
+    labels = [MetricLabel(key="database", value=cfg.database_id),
+              MetricLabel(key="mode", value="{{workflow.parameters.mode}}")]
+    gauges = [("db_upgrade_copy_seconds", "copy-seconds", "Seconds of the initial copy"),
+              ("db_upgrade_catchup_seconds", "catchup-seconds", "Seconds from the copy's end to caught up")]
+    return Metrics(prometheus=[
+        Prometheus(name=name, help=help_, labels=labels, when="{{status}} == Succeeded",
+                   gauge=Gauge(value=f"{{{{outputs.parameters.{out}}}}}", realtime=False))
+        for name, out, help_ in gauges])
+
+
 def build(cfg: Config) -> WorkflowTemplate:
     b = _Builder(cfg)
     t = cfg.timeouts
-    # follow exits once it has applied up to the endpos finish sets; its own deadline is
-    # the backstop for a finish that never ran: catch-up, approval, freeze, then replaying
-    # up to the endpos (bounded again by the catch-up timeout), plus margin.
-    follow_deadline = 2 * t.catch_up_seconds + t.approval_seconds + t.freeze_seconds + 1800
+    # follow exits once the target has everything up to the end position; its own
+    # deadline is the backstop for an end that never came: catch-up, approval, the
+    # cutover, then replaying up to the end (bounded again by the catch-up timeout).
+    follow_deadline = 2 * t.catch_up_seconds + t.approval_seconds + t.verify_prepare_seconds + 1800
+    switch_seconds = cfg.restart.timeout_seconds if cfg.restart else 0
+    cutover_deadline = t.verify_prepare_seconds + t.freeze_seconds + t.drain_seconds + switch_seconds + 1800
 
     with WorkflowTemplate(
         name=cfg.template_name,
@@ -268,11 +345,16 @@ def build(cfg: Config) -> WorkflowTemplate:
             Parameter(name="approval", value="manual", enum=["manual", "auto"],
                       description="manual: wait at approve for a decision; auto: cut over when caught up"),
             Parameter(name="mode", value="upgrade", enum=["upgrade", "rehearsal"],
-                      description="rehearsal: scratch target, no freeze and no restart"),
+                      description="rehearsal: scratch target, no freeze and no switch; predicts the window"),
             Parameter(name="keep-slot-on-failure", value="false", enum=["false", "true"],
-                      description="true: on failure keep the slot and work volume for argo retry"),
+                      description="true: on failure keep the slot, the run's state and the work volume for argo retry"),
             Parameter(name="keep-scratch", value="false", enum=["false", "true"],
                       description="rehearsal: keep the scratch target database at the end"),
+            Parameter(name="run-id", value="",
+                      description="recover entrypoint only: the workflow name of the run to recover"),
+            Parameter(name="skip-verify-preparation", value="false", enum=["false", "true"],
+                      description="true: do not wait for the verify preparation before freezing (the window "
+                                  "then compares whole tables); the report records it"),
         ],
         synchronization=Synchronization(mutexes=[Mutex(name=cfg.mutex_name)]),
         ttl_strategy=TTLStrategy(seconds_after_success=86400, seconds_after_failure=7 * 86400),
@@ -289,22 +371,20 @@ def build(cfg: Config) -> WorkflowTemplate:
         create_scratch = b.step("create-scratch-target")
         drop_scratch = b.step("drop-scratch-target")
         preflight = b.step("preflight", work=True, sql=True)
-        grant = b.step("grant-replication", work=True)
+        grant = b.step("grant-replication")
+        # The only pod with the work volume: pgcopydb's --dir lives there while it
+        # copies (and, with pgcopydb-follow, streams).
         follow = b.step(
             "follow",
             work=True,
+            resources=cfg.resources.follow,
             deadline=follow_deadline,
             labels={ROLE_LABEL: "follow"},
             pod_spec_patch=f'{{"terminationGracePeriodSeconds": {cfg.follow_grace_period_seconds}}}',
-            outputs=[_out("copy-seconds", default=""), _out("catchup-seconds", default="")],
         )
-        wait = b.step(
-            "wait-caught-up",
-            work=True,
-            near_follow=True,
-            deadline=t.catch_up_seconds,
-            outputs=[_out("lag"), _out("lag-bytes")],
-        )
+        wait = b.step("wait-caught-up", deadline=t.catch_up_seconds, outputs=[_out("lag"), _out("lag-bytes")])
+        verify_prepare = b.step("verify-prepare", deadline=t.approval_seconds + t.verify_prepare_seconds + 1800,
+                                resources=cfg.resources.verify_prepare)
         approve = Suspend(
             name="approve",
             duration=t.approval_seconds,
@@ -313,66 +393,66 @@ def build(cfg: Config) -> WorkflowTemplate:
                 Parameter(name="decision", default="abort", enum=["cutover", "abort"],
                           description="cutover: freeze writes and switch; abort: stop and clean up"),
             ],
-            # Written out (not intermediate_parameters) to get the default on timeout.
-            outputs=[
-                Parameter(
-                    name="decision",
-                    value_from=ValueFrom(supplied=SuppliedValueFrom(), default="abort"),
-                )
-            ],
+            # Every input is also a supplied output: the Argo UI's resume dialog
+            # sends them all, and the server refuses the whole call otherwise
+            # (ui/.../workflow-details.tsx getParametersAsJsonString; workflow/util/
+            # util.go updateSuspendedNode). Written out (not intermediate_parameters)
+            # to get the defaults on timeout.
+            outputs=[_supplied("lag", ""), _supplied("decision", "abort")],
         )
-        freeze = b.step(
-            "freeze",
-            work=True,
+        cutover = b.step(
+            "cutover",
             sql=True,
-            near_follow=True,
-            deadline=t.freeze_seconds + 300,
-            outputs=[_out("frozen-at", global_name="frozen-at")],
-        )
-        # finish only sets the endpos: a short deadline, so that a finish left Pending
-        # (follow's pod gone) fails soon and unfreeze restores writes.
-        finish = b.step("finish", work=True, near_follow=True, deadline=t.freeze_seconds + 300)
-        # verify reads its pre-freeze checksums from the work volume; it runs after
-        # follow ended, so it mounts the volume without the affinity to follow.
-        verify = b.step("verify", work=True, outputs=[_out("verify")])
-        cleanup = b.step("cleanup", work=True)
-        unfreeze = b.step("unfreeze", sql=True, deadline=t.freeze_seconds + 300)
-        restart = b.step(
-            "restart",
-            db=False,
-            deadline=cfg.restart.timeout_seconds + 300,
-            inputs=[Parameter(name="frozen-at", default="")],
+            deadline=cutover_deadline,
+            resources=cfg.resources.cutover,
+            # The only pod that may move the applications (workflows/rbac.py).
+            service_account_name=cfg.switch_service_account,
+            inputs=[Parameter(name="approval-started", default=""), Parameter(name="approval-finished", default="")],
             env=[
-                Env(name="DB_UPGRADE_RESTART_NAMESPACE", value=cfg.restart_namespace),
-                Env(name="DB_UPGRADE_RESTART_DEPLOYMENTS", value=",".join(cfg.restart.deployments or [])),
-                Env(name="DB_UPGRADE_RESTART_SELECTOR", value=cfg.restart.selector or ""),
-                Env(name="DB_UPGRADE_RESTART_TIMEOUT", value=str(cfg.restart.timeout_seconds)),
-                Env(name="DB_UPGRADE_FROZEN_AT", value="{{inputs.parameters.frozen-at}}"),
+                Env(name="DB_UPGRADE_APPROVAL_STARTED_AT", value="{{inputs.parameters.approval-started}}"),
+                Env(name="DB_UPGRADE_APPROVAL_FINISHED_AT", value="{{inputs.parameters.approval-finished}}"),
+                Env(name="DB_UPGRADE_APPROVAL_TIMEOUT", value=str(t.approval_seconds)),
+                Env(name="DB_UPGRADE_SKIP_VERIFY_PREPARATION", value="{{workflow.parameters.skip-verify-preparation}}"),
+                Env(name="DB_UPGRADE_DRAIN_TIMEOUT", value=str(t.drain_seconds)),
+                Env(name="DB_UPGRADE_VERIFY_PREPARE_TIMEOUT", value=str(t.verify_prepare_seconds)),
+                *b.switch_env(),
             ],
+            volumes=b.switch_volumes(),
             outputs=[
-                _out("restart-started", global_name="restart-started"),
                 _out("write-downtime-seconds", default=""),
+                _out("predicted-write-downtime-seconds", default=""),
+                _out("frozen-at", default=""),
+                _out("verify", default=""),
+                _out("late-writes", default=""),
+                _out("timings", default=""),
             ],
-            metrics=Metrics(
-                prometheus=[
-                    Prometheus(
-                        name="db_upgrade_write_downtime_seconds",
-                        help="Seconds writes were frozen: from freeze to the restarted rollouts",
-                        labels=[MetricLabel(key="database", value=cfg.database_id)],
-                        when="{{status}} == Succeeded",
-                        gauge=Gauge(value="{{outputs.parameters.write-downtime-seconds}}", realtime=False),
-                    )
-                ]
-            ),
+            metrics=_cutover_metrics(cfg),
         )
+        # finish only sets the end position: follow stops once the target has it.
+        finish = b.step("finish")
+        cleanup = b.step("cleanup")
+        # Also lets go of PgBouncer if a killed cutover left it paused.
+        unfreeze = b.step("unfreeze-after-failure", sql=True, env=b.switch_env(), volumes=b.switch_volumes())
         report = b.step(
             "report",
-            db=False,
+            # The only pod that may write the history ConfigMap (workflows/rbac.py).
+            service_account_name=cfg.report_service_account,
             inputs=[Parameter(name="status"), Parameter(name="failures", default="")],
             env=[
                 Env(name="DB_UPGRADE_WORKFLOW_STATUS", value="{{inputs.parameters.status}}"),
                 Env(name="DB_UPGRADE_WORKFLOW_FAILURES", value="{{inputs.parameters.failures}}"),
+                Env(name="DB_UPGRADE_KEEP_SLOT", value="{{workflow.parameters.keep-slot-on-failure}}"),
+                Env(name="DB_UPGRADE_HISTORY_CONFIGMAP", value=cfg.history_config_map),
+                Env(name="DB_UPGRADE_NAMESPACE", value="{{workflow.namespace}}"),
             ],
+            outputs=[_out(n, default="") for n in ("report", "copy-seconds", "catchup-seconds",
+                                                     "predicted-write-downtime-seconds", "write-downtime-seconds")],
+            metrics=_report_metrics(cfg),
+        )
+        cleanup_after_failure = b.step(
+            "cleanup-after-failure",
+            command="cleanup",
+            env=[Env(name="DB_UPGRADE_KEEP_SLOT", value="{{workflow.parameters.keep-slot-on-failure}}")],
         )
 
         with DAG(name="upgrade"):
@@ -383,49 +463,53 @@ def build(cfg: Config) -> WorkflowTemplate:
             Task(name="follow", template=follow, depends="grant-replication.Succeeded")
             # Parallel with follow, not a daemon: it polls the lag follow produces.
             Task(name="wait-caught-up", template=wait, depends="grant-replication.Succeeded")
+            # Beside the approval: the comparison is prepared and kept current while
+            # the approver decides; it ends by itself once the cutover takes over.
+            Task(name="verify-prepare", template=verify_prepare, depends="wait-caught-up.Succeeded")
             # Skipped with approval=auto; a timeout resolves to the default `abort`.
             Task(name="approve", template=approve, depends="wait-caught-up.Succeeded",
                  when=f"{P_APPROVAL} == 'manual'",
                  arguments={"lag": "{{tasks.wait-caught-up.outputs.parameters.lag}}"})
-            # Never in rehearsal: readonly.sql never runs on the production source.
-            Task(name="freeze", template=freeze,
+            # One pod for the whole frozen window; in rehearsal it measures the window
+            # without freezing anything.
+            Task(name="cutover", template=cutover,
                  depends="wait-caught-up.Succeeded && (approve.Succeeded || approve.Skipped)",
-                 when=f"{P_MODE} == 'upgrade' && {CUTOVER}")
-            # finish is what stops follow, so it runs on every path once follow started:
-            # after freeze in any state (skipped = abort or rehearsal), and when
-            # approve or wait-caught-up failed (freeze is then Omitted, which no
-            # result matches; those branches are named directly).
+                 when=CUTOVER,
+                 arguments={"approval-started": "{{tasks.approve.startedAt}}",
+                            "approval-finished": "{{tasks.approve.finishedAt}}"})
+            # finish is what stops follow when no cutover set the end: after an abort
+            # (cutover Skipped), a failed cutover, or a failed approval or catch-up
+            # (cutover is then Omitted, which no result matches: named directly).
             Task(name="finish", template=finish,
-                 depends=f"{_any_end('freeze')} || {_failed('approve')} || {_failed('wait-caught-up')}")
-            # Writes stay frozen until the exit handler otherwise, which waits for the
-            # whole DAG (follow included): restore them as soon as the freeze path failed.
-            Task(name="unfreeze", template=unfreeze,
-                 depends=f"{_failed('freeze')} || (freeze.Succeeded && ({_failed('finish')}))")
-            # Only after a cutover (not an abort: verify is then Skipped) and never after a
-            # failed freeze (Failed matches neither result).
-            Task(name="verify", template=verify,
-                 depends="follow.Succeeded && finish.Succeeded && (freeze.Succeeded || freeze.Skipped)",
-                 when=CUTOVER)
-            Task(name="cleanup", template=cleanup, depends="verify.Succeeded || verify.Skipped")
-            # freeze.Succeeded means a real cutover in upgrade mode: abort and rehearsal never restart.
-            Task(name="restart", template=restart, depends="cleanup.Succeeded && freeze.Succeeded",
-                 arguments={"frozen-at": "{{tasks.freeze.outputs.parameters.frozen-at}}"})
+                 depends=f"{_any_end('cutover')} || {_failed('approve')} || {_failed('wait-caught-up')}")
+            # After the switch (or an abort), and once follow has let go.
+            # After the switch (or an abort), once follow has let go and verify-prepare
+            # has stopped (cleanup drops the tracking it reads).
+            Task(name="cleanup", template=cleanup,
+                 depends=f"finish.Succeeded && (cutover.Succeeded || cutover.Skipped) && follow.Succeeded"
+                 f" && ({_done('verify-prepare')})")
+
+        # `argo terminate` skips the exit handler: this entrypoint does its work for
+        # a terminated run (`db-upgrade recover NAME`, or argo submit --from
+        # workflowtemplate/... --entrypoint recover -p run-id=NAME).
+        with DAG(name="recover"):
+            Task(name="unfreeze-after-failure", template=unfreeze)
+            Task(name="cleanup", template=cleanup, depends=_done("unfreeze-after-failure"))
 
         with DAG(name="exit-handler"):
-            Task(name="report", template=report,
-                 arguments={"status": "{{workflow.status}}", "failures": "{{workflow.failures}}"})
-            # Restore writes if the run failed after freeze, unless restart began: the
-            # applications may already write to the target, and a writable source would fork.
-            Task(name="unfreeze-after-failure", template=unfreeze,
-                 when=f"{FAILED} && {FROZEN} && !({RESTART_STARTED})")
-            Task(name="cleanup-after-failure", template=cleanup,
-                 when=f"{FAILED} && '{{{{workflow.parameters.keep-slot-on-failure}}}}' != 'true'")
+            # Restores writes only if the run froze the source and the switch never
+            # began: the step reads that from the run's record in the source.
+            Task(name="unfreeze-after-failure", template=unfreeze, when=f"{P_MODE} == 'upgrade' && {FAILED}")
+            Task(name="cleanup-after-failure", template=cleanup_after_failure,
+                 depends=_done("unfreeze-after-failure"), when=f"{FAILED} && !({KEEP_SLOT})")
             # A failed run kept for `argo retry` keeps its scratch target too.
             Task(name="drop-scratch-target", template=drop_scratch,
-                 depends=_any_end("cleanup-after-failure"),
+                 depends=_done("cleanup-after-failure"),
                  when=f"{P_MODE} == 'rehearsal' && '{{{{workflow.parameters.keep-scratch}}}}' != 'true'"
-                 f" && ('{{{{workflow.status}}}}' == 'Succeeded'"
-                 f" || '{{{{workflow.parameters.keep-slot-on-failure}}}}' != 'true')")
+                 f" && ('{{{{workflow.status}}}}' == 'Succeeded' || !({KEEP_SLOT}))")
+            # Last: it reads the run's record, then (unless kept for a retry) removes it.
+            Task(name="report", template=report, depends=_done("drop-scratch-target"),
+                 arguments={"status": "{{workflow.status}}", "failures": "{{workflow.failures}}"})
     return wt
 
 

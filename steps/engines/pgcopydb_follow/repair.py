@@ -33,8 +33,9 @@ table, index, constraint and the post-data section are done.
   table without one (REPLICA IDENTITY FULL) silently gets duplicate rows. The
   only safe choice is a clean restart: the slot, the origin and the pgcopydb
   schemas are dropped, the objects the copy created on the target are dropped
-  (after checking the target holds nothing that is not on the source), the work
-  dir is emptied (our state file kept), and the copy starts over, loudly logged.
+  (after checking the target holds nothing that is not on the source:
+  steps/target.py), the work dir is emptied, and the copy starts over, loudly
+  logged and recorded in the run state (`copy_restarts`).
 """
 
 import os
@@ -42,23 +43,18 @@ import sqlite3
 import time
 from pathlib import Path
 
-import psycopg
-from psycopg import sql
-
-from steps import pgcopydb, state
+from steps import pgcopydb, state, target
 from steps.errors import StepError
 from steps.log import log
 from steps.pg import connect
 from steps.settings import StepSettings
 
 SLOT_RELEASE_WAIT = 90.0  # wal_sender_timeout (60 s by default) ends a walsender whose client vanished
-USER_SCHEMAS = ("n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgcopydb') "
-                "AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'")
 
 
 def copy_finished(workdir: Path) -> bool:
     """pgcopydb's own record: the sentinel's apply flag is set after the whole copy."""
-    from steps import sentinel
+    from steps.engines.pgcopydb_follow import sentinel
 
     if not pgcopydb.catalog_path(workdir).exists():
         return False
@@ -206,9 +202,8 @@ def apply_start(s: StepSettings) -> int:
     """Where pgcopydb's apply resumes reading: the target's replication origin
     (it overrides the sentinel's replay_lsn), or the sentinel's replay_lsn when
     it is earlier. 0 when neither is known."""
+    from steps.engines.pgcopydb_follow import sentinel
     from steps.pg import lsn, origin_progress
-
-    from steps import sentinel
 
     positions = []
     replay = lsn(sentinel.row(s.workdir())[2])
@@ -343,73 +338,6 @@ def remove_pidfiles(workdir: Path) -> list[str]:
     return removed
 
 
-def _target_objects(tgt: psycopg.Connection) -> list[tuple[str, str, str]]:
-    return tgt.execute(
-        f"""SELECT n.nspname, c.relname, c.relkind::text FROM pg_class c
-            JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND {USER_SCHEMAS}
-              AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                              AND d.objid = c.oid AND d.deptype IN ('e', 'i', 'a'))
-            ORDER BY 1, 2""", ()).fetchall()
-
-
-def drop_copied_objects(s: StepSettings) -> list[str]:
-    """Drop what the interrupted copy created on the target, and nothing else."""
-    with connect(s.source(), "source") as src:
-        src_schemas = {r[0] for r in src.execute(
-            f"SELECT n.nspname FROM pg_namespace n WHERE {USER_SCHEMAS}", ())}
-        src_rels = {(r[0], r[1]) for r in src.execute(
-            f"""SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND {USER_SCHEMAS}""", ())}
-        src_routines = {(r[0], r[1]) for r in src.execute(
-            f"SELECT n.nspname, p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-            f"WHERE {USER_SCHEMAS}", ())}
-        src_types = {(r[0], r[1]) for r in src.execute(
-            f"SELECT n.nspname, t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
-            f"WHERE {USER_SCHEMAS}", ())}
-    dropped = []
-    with connect(s.target(), "target") as tgt:
-        rels = _target_objects(tgt)
-        unknown = [f"{sc}.{name}" for sc, name, _k in rels if (sc, name) not in src_rels]
-        if unknown:
-            raise StepError(
-                f"follow: the interrupted copy must start over, but the target holds relation(s) that are not on "
-                f"the source: {', '.join(unknown[:10])}; refusing to drop anything there. Point the target at an "
-                "empty database, or remove those relations, then run follow again")
-        tgt_schemas = [r[0] for r in tgt.execute(
-            f"SELECT n.nspname FROM pg_namespace n WHERE {USER_SCHEMAS} ORDER BY 1", ())]
-        with tgt.transaction():
-            for schema in tgt_schemas:
-                if schema == "public" or schema not in src_schemas:
-                    continue
-                tgt.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-                dropped.append(f"schema {schema}")
-            # public exists in every database: empty it of what came from the source instead.
-            kinds = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW", "S": "SEQUENCE",
-                     "f": "FOREIGN TABLE"}
-            for schema, name, kind in _target_objects(tgt):
-                if schema != "public":
-                    continue
-                tgt.execute(sql.SQL("DROP {} IF EXISTS {} CASCADE").format(
-                    sql.SQL(kinds[kind]), sql.Identifier(schema, name)))
-                dropped.append(f"{kinds[kind].lower()} {schema}.{name}")
-            not_ext = ("NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = x.oid AND d.deptype = 'e')")
-            for oid, name in tgt.execute(
-                    f"SELECT x.oid::regprocedure::text, x.proname FROM pg_proc x JOIN pg_namespace n "
-                    f"ON n.oid = x.pronamespace WHERE n.nspname = 'public' AND {not_ext}", ()).fetchall():
-                if ("public", name) in src_routines:
-                    tgt.execute(sql.SQL("DROP ROUTINE IF EXISTS {} CASCADE").format(sql.SQL(oid)))
-                    dropped.append(f"routine {oid}")
-            for name, in tgt.execute(
-                    f"SELECT x.typname FROM pg_type x JOIN pg_namespace n ON n.oid = x.typnamespace "
-                    f"WHERE n.nspname = 'public' AND x.typrelid = 0 AND x.typcategory <> 'A' AND {not_ext}",
-                    ()).fetchall():
-                if ("public", name) in src_types:
-                    tgt.execute(sql.SQL("DROP TYPE IF EXISTS {} CASCADE").format(sql.Identifier("public", name)))
-                    dropped.append(f"type public.{name}")
-    return dropped
-
-
 def drop_replication(s: StepSettings) -> list[str]:
     done = []
     with connect(s.source(), "source") as src:
@@ -425,32 +353,6 @@ def drop_replication(s: StepSettings) -> list[str]:
     return done
 
 
-def empty_workdir(workdir: Path) -> int:
-    """Everything but our state file. Other steps polling beside follow
-    (wait-caught-up) may still be finishing a pgcopydb call that recreates a
-    file or two: retried until the dir stays empty."""
-    import shutil
-
-    keep = (state.NAME, state.path(workdir).with_suffix(".tmp").name)
-    n = 0
-    for attempt in range(20):
-        try:
-            for entry in workdir.iterdir():
-                if entry.name in keep:
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink(missing_ok=True)
-                n += 1
-            return n
-        except OSError:
-            if attempt == 19:
-                raise
-            time.sleep(0.5)
-    return n
-
-
 def restart_copy(s: StepSettings, reason: str) -> None:
     workdir = s.workdir()
     banner = "follow: RESTARTING THE COPY FROM SCRATCH"
@@ -458,24 +360,22 @@ def restart_copy(s: StepSettings, reason: str) -> None:
     log(f"{banner}: resuming is unsafe here: tables copied again with a new snapshot would receive the "
         "changes since the first snapshot a second time (duplicate keys, duplicate rows)")
     wait_slot_released(s)
-    dropped = drop_copied_objects(s)  # first: it refuses (changing nothing) if the target holds foreign objects
+    dropped = target.drop_copied_objects(s)  # first: it refuses (changing nothing) if the target holds foreign objects
     log(f"{banner}: dropped {len(dropped)} object(s) the interrupted copy created on the target"
         + (f": {', '.join(dropped[:10])}{' ...' if len(dropped) > 10 else ''}" if dropped else ""))
     for line in drop_replication(s):
         log(f"{banner}: {line}")
-    # Readers beside follow (sentinel.started) stop running pgcopydb on the dir first.
-    state.update(workdir, follow_started_at=None)
-    time.sleep(1)
-    n = empty_workdir(workdir)
-    log(f"{banner}: emptied {workdir} ({n} entries; {state.NAME} kept)")
-    record = state.read(workdir)
-    if record.get("endpos"):
-        log(f"{banner}: the endpos {record['endpos']} set by finish belonged to the abandoned copy and is "
+    n = target.empty_dir(workdir)
+    log(f"{banner}: emptied {workdir} ({n} entries)")
+    st = state.load(s)
+    if st.end_position:
+        # The end belonged to the abandoned copy: PgcopydbFollow.reached() must not
+        # answer for it from the new copy's origin, which starts past it.
+        log(f"{banner}: the end position {st.end_position} set by finish belonged to the abandoned copy and is "
             "dropped: run the finish step again once the new copy has caught up")
-    restarts = list(record.get("copy_restarts") or [])
-    restarts.append({"at": state.now(), "reason": reason})
-    state.update(workdir, copy_restarts=restarts, copy_done_at=None, endpos=None, endpos_set_at=None,
-                 follow_done_at=None)
+    restarts = [*st.copy_restarts, {"at": state.now(), "reason": reason}]
+    state.record(s, copy_restarts=restarts, copy_done_at=None, stream_started_at=None, copy_bytes_done=None,
+                 copy_bytes_total=None, end_position=None, end_position_set_at=None, follow_done_at=None)
 
 
 def prepare_resume(s: StepSettings) -> bool:
@@ -483,7 +383,8 @@ def prepare_resume(s: StepSettings) -> bool:
     the dir, slot and target were reset and a fresh copy must start."""
     workdir = s.workdir()
     if not pgcopydb.catalog_path(workdir).exists():
-        restart_copy(s, f"the earlier run in {workdir} stopped before pgcopydb wrote its catalogs")
+        restart_copy(s, f"{workdir} holds no pgcopydb catalog (the earlier run stopped before writing it, or the "
+                        "work volume is a new one)")
         return False
     if not copy_finished(workdir):
         restart_copy(s, f"the earlier run in {workdir} was interrupted during the initial copy "

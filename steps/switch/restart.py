@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from steps.errors import StepError
 from steps.log import log
+from steps.switch.base import Switch
 
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 
@@ -184,3 +185,38 @@ def restart(s: RestartSettings, api=None) -> list[str]:
 def command() -> None:
     """Restart the application deployments and wait for the rollouts (configuration from the environment)."""
     restart(load_restart_settings())
+
+
+class RestartSwitch(Switch):
+    """The applications move by restarting: they read the target's address from their
+    own configuration when they start. Nothing is held: writes fail from the freeze
+    until each new pod is ready."""
+
+    name = "restart"
+
+    def __init__(self, s: RestartSettings, api=None):
+        self.s = s
+        self._api = api
+
+    def api(self):
+        if self._api is None:
+            self._api = _apps_api()
+        return self._api
+
+    def describe(self) -> str:
+        which = f"selector {self.s.selector!r}" if self.s.selector.strip() else ", ".join(self.s.names())
+        return (f"restart: kubectl rollout restart the deployments ({which}) in namespace {self.s.namespace} "
+                f"and wait for them (at most {self.s.timeout:g}s)")
+
+    def check(self) -> None:
+        names = _targets(self.api(), self.s)
+        log(f"restart: will restart {len(names)} deployment(s) in namespace {self.s.namespace}: {', '.join(names)}")
+
+    def hold(self) -> None:
+        pass  # nothing to hold: the applications keep their connections until their restart
+
+    def release(self) -> None:
+        pass  # the undo of a hold that held nothing
+
+    def switch(self) -> None:
+        restart(self.s, self.api())

@@ -7,20 +7,25 @@ it applies a transaction or a keepalive. On a frozen source that adds up to
 10 s or more of write downtime. What this module does, in the follow step's
 process, beside pgcopydb:
 
+0. The end position. The cutover pod (no work volume) records it in the run
+   state (PgcopydbFollow.set_end); this thread, in the follow step, sees it
+   there and gives it to pgcopydb (`stream sentinel set endpos --dir ...`).
+
 1. Heartbeat. `prepare_source()` (called by follow before pgcopydb starts, so
    that the table is in pgcopydb's snapshot, catalogs and copy) creates
-   `db_upgrade.heartbeat`, two rows. From catch-up on, two connections update
-   them in overlapping transactions every 100 ms with synchronous_commit on
-   (see Heartbeat: the first transaction to commit after any endpos began
-   before it, which pgcopydb needs to finish cleanly). They are real
-   transactions, decoded and applied on the target, so the target's
-   replication origin moves past the endpos within a few hundred ms. Once the
-   endpos is set (from the freeze on), the pad column gets a changing ~70 kB
-   value: pgcopydb's apply
-   runs in libpq pipeline mode and syncs the pipeline about every 2 s; a
-   statement larger than libpq's 64 kB output threshold makes libpq send the
-   buffered statements (the previous heartbeat's COMMIT included) at once.
-   verify ignores the db_upgrade schema; cleanup drops it. Without the table in
+   `db_upgrade.heartbeat`, two rows. Once the copy is done (`copy_done_at`),
+   two connections update them in overlapping transactions every 100 ms with
+   synchronous_commit on (see Heartbeat: the first transaction to commit after
+   any endpos began before it, which pgcopydb needs to finish cleanly). They
+   are real transactions, decoded and applied on the target, so the target's
+   replication origin keeps moving, on an idle source too: the lag read from
+   the databases (PgcopydbFollow.lag) is true, and the origin moves past the
+   endpos within a few hundred ms. Once the freeze is recorded (`frozen_at`)
+   the pad column gets a changing ~70 kB value: pgcopydb's apply runs in libpq
+   pipeline mode and syncs the pipeline about every 2 s; a statement larger
+   than libpq's 64 kB output threshold makes libpq send the buffered
+   statements (the previous heartbeat's COMMIT included) at once. verify
+   ignores the db_upgrade schema; cleanup drops the table. Without the table in
    pgcopydb's catalog and on the target (a run started before this existed, or
    a role that may not create a schema), an empty transaction
    (txid_current()) every 100 ms is used instead: safe, about 10 s.
@@ -44,27 +49,27 @@ process, beside pgcopydb:
 Never before the gate, never the whole process group: both were measured to
 lose or duplicate changes. Lowering wal_sender_timeout or terminating the
 walsender were measured unsafe too.
-
-The drain thread also starts verify's preparation (`steps.verify.prepare`) once
-wait-caught-up has recorded the catch-up, so that verify inside the frozen
-window only re-checks what changed since (see steps/verify.py).
 """
 
 import os
 import signal
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
 import psycopg
 
-from steps import pgcopydb, sentinel, state
+from steps import pgcopydb, state
+from steps.engines.pgcopydb_follow import catalog, sentinel
+from steps.errors import StepError
 from steps.log import log
-from steps.pg import connect, fmt_lsn, lsn, origin_progress
+from steps.pg import application_name, connect, fmt_lsn, lsn, origin_progress, read_write_options
 from steps.settings import StepSettings
 
 NUDGE_INTERVAL = 0.2
+STATE_POLL = 0.1  # how soon the end position recorded by the cutover is seen
+HEARTBEAT_CHECK = 2.0
+HEARTBEAT_RETRY = 5.0
 SCHEMA = "db_upgrade"
 HEARTBEAT = "heartbeat"
 # Above libpq's OUTBUFFER_THRESHOLD (64 kB): makes pgcopydb's pipelined apply
@@ -84,7 +89,6 @@ BEAT = (f"UPDATE {SCHEMA}.{HEARTBEAT} SET beat = beat + 1, at = clock_timestamp(
         f"pad = repeat(md5((beat + 1)::text), %s) WHERE id = %s")
 BEAT_INTERVAL = 0.1
 SETTLE_PAUSE = 0.15
-TRACK_INTERVAL = 2.0
 
 
 def prepare_source(s: StepSettings) -> bool:
@@ -92,7 +96,7 @@ def prepare_source(s: StepSettings) -> bool:
     starts pgcopydb on a fresh run (on a resume the table is either already in
     the copy or must not appear now). Idempotent; False when it cannot."""
     try:
-        with connect(s.source(), "source") as conn:
+        with connect(s.source(), "source", purpose="heartbeat") as conn:
             with conn.transaction():
                 conn.execute(HEARTBEAT_DDL)
         return True
@@ -104,22 +108,15 @@ def prepare_source(s: StepSettings) -> bool:
 
 def heartbeat_ready(s: StepSettings) -> bool:
     """Is updating the heartbeat safe: pgcopydb knows the table (its catalog was
-    built from the copy's snapshot) and the target has it with its row."""
+    built from the copy's snapshot) and the target has it with its rows."""
+    if not catalog.knows_table(s.workdir(), SCHEMA, HEARTBEAT):
+        return False
     try:
-        con = pgcopydb.read_catalog(s.workdir())
-        try:
-            known = con.execute("SELECT 1 FROM s_table WHERE nspname = ? AND relname = ?",
-                                (SCHEMA, HEARTBEAT)).fetchone()
-        finally:
-            con.close()
-        if not known:
-            return False
-        with connect(s.target(), "target") as tgt:
-            row = tgt.execute(f"SELECT to_regclass('{SCHEMA}.{HEARTBEAT}') IS NOT NULL").fetchone()
-            if not row[0]:
+        with connect(s.target(), "target", purpose="heartbeat") as tgt:
+            if not tgt.execute(f"SELECT to_regclass('{SCHEMA}.{HEARTBEAT}') IS NOT NULL").fetchone()[0]:
                 return False
             return tgt.execute(f"SELECT count(*) FROM {SCHEMA}.{HEARTBEAT} WHERE id IN (1, 2)").fetchone()[0] == 2
-    except (sqlite3.Error, psycopg.Error, Exception):
+    except (StepError, psycopg.Error):
         return False
 
 
@@ -137,23 +134,70 @@ def prefetch_pids(sid: int) -> list[int]:
     return pids
 
 
-def endpos_requested(s: StepSettings, last_check: list[float]) -> int:
-    """The endpos, from finish's record (cheap) or, every few seconds, the sentinel."""
-    recorded = state.read(s.workdir()).get("endpos")
-    if recorded:
-        return lsn(recorded)
-    if time.monotonic() - last_check[0] > 5:
-        last_check[0] = time.monotonic()
+class RunStateReader:
+    """The run's record, polled over one source connection kept open (a new
+    connection every 100 ms would cost more than the query). A lost connection
+    (the source restarting) is opened again on the next poll; meanwhile the last
+    record read stands."""
+
+    def __init__(self, s: StepSettings):
+        self.s = s
+        self.conn: psycopg.Connection | None = None
+        self.last = state.RunState()
+        self.failing_since: float | None = None
+
+    def read(self) -> state.RunState:
         try:
-            sen = sentinel.read(s, strict=False)
-        except Exception:
-            return 0
-        return sen.endpos if sen else 0
-    return 0
+            if self.conn is None or self.conn.closed:
+                uri = self.s.source()
+                self.conn = psycopg.connect(uri, autocommit=True, connect_timeout=10,
+                                            application_name=application_name("drain"),
+                                            options=read_write_options(uri))
+            self.last = state.load_from(self.conn, self.s.run_id)
+            if self.failing_since is not None:
+                log("follow: the run state on the source can be read again")
+            self.failing_since = None
+        except psycopg.Error as exc:
+            self.close()
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                log(f"follow: cannot read the run state on the source ({first}); retrying")
+            time.sleep(1)
+        return self.last
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg.Error:
+                pass
+        self.conn = None
+
+
+def apply_endpos(s: StepSettings, endpos: int, finished: threading.Event) -> bool:
+    """Give the end position to pgcopydb, once its catalogs are set up (before
+    that, a pgcopydb call on the dir breaks clone's setup: see sentinel.started)."""
+    workdir = s.workdir()
+    while not sentinel.started(workdir):
+        if finished.wait(0.2):
+            return False
+    sen = sentinel.read(s, strict=False)
+    if sen is not None and sen.endpos == endpos:
+        return True
+    try:
+        pgcopydb.run(s, "stream", "sentinel", "set", "endpos", "--dir", str(workdir), fmt_lsn(endpos))
+    except StepError as exc:
+        log(f"follow: could not give the end position {fmt_lsn(endpos)} to pgcopydb ({exc}); retrying")
+        return False
+    if sen is not None and sen.endpos:
+        log(f"follow: pgcopydb's endpos was {fmt_lsn(sen.endpos)}; set to the run's end position "
+            f"{fmt_lsn(endpos)}")
+    return True
 
 
 class Heartbeat:
-    """Overlapping heartbeat transactions on the source, from catch-up on.
+    """Overlapping heartbeat transactions on the source, from the end of the copy on.
 
     Two connections take turns: each opens a transaction, updates its own row,
     and only then does the other commit the transaction it opened one interval
@@ -200,8 +244,10 @@ class Heartbeat:
         conns = []
         try:
             for _ in (1, 2):
-                c = psycopg.connect(self.s.source(), autocommit=False, connect_timeout=10,
-                                    application_name="db-upgrade")
+                uri = self.s.source()
+                c = psycopg.connect(uri, autocommit=False, connect_timeout=10,
+                                    application_name=application_name("heartbeat"),
+                                    options=read_write_options(uri))
                 c.execute("SET synchronous_commit = on")  # the walsender only sends flushed WAL
                 c.commit()
                 conns.append(c)
@@ -235,69 +281,50 @@ class Heartbeat:
                     pass
 
 
-def _start_prepare(s: StepSettings, stop: threading.Event) -> threading.Thread | None:
-    from steps import verify
-
-    if verify.prepared(s) is not None:
-        return None
-
-    def run():
-        try:
-            if verify.prepare(s, stop) is None:
-                return
-        except Exception as exc:  # an optimisation: verify falls back to a full comparison
-            log(f"follow: verify preparation failed ({type(exc).__name__}: {exc}); verify will compare everything")
-            return
-        # Until the freeze: fold the changes into the record every few seconds,
-        # so that verify decodes only the last ones inside the window.
-        while not stop.wait(TRACK_INTERVAL):
-            try:
-                verify.track(s)
-            except Exception as exc:
-                log(f"follow: verify change tracking paused ({type(exc).__name__}); verify decodes the rest itself")
-                return
-
-    t = threading.Thread(target=run, daemon=True, name="verify-prepare")
-    t.start()
-    return t
+def frozen(st: state.RunState) -> bool:
+    """Are the application's writes frozen now (not given back since)?"""
+    return bool(st.frozen_at and not (st.unfrozen_at and st.unfrozen_at >= st.frozen_at))
 
 
-def drain(s: StepSettings, pgid: int, finished: threading.Event) -> None:
-    """Runs beside pgcopydb in the follow step until pgcopydb exits."""
-    last_check = [0.0]
-    stop_prepare = threading.Event()
+def drain(s: StepSettings, sid: int, finished: threading.Event) -> None:
+    """Runs beside pgcopydb in the follow step until pgcopydb exits: starts the
+    heartbeat once the copy is done, pads it from the freeze on, and once the
+    end position is recorded gives it to pgcopydb and stops it there."""
+    reader = RunStateReader(s)
     beat: Heartbeat | None = None
-    caught_up = False
-    next_check = 0.0
+    next_beat_check = 0.0
     try:
-        while not finished.wait(0.05):
-            endpos = endpos_requested(s, last_check)
+        while True:
+            st = reader.read()
+            endpos = lsn(st.end_position)  # the run state is the one source of the end (not pgcopydb's sentinel)
             if endpos:
                 break
-            if beat is not None and not beat.pad and state.read(s.workdir()).get("frozen_at"):
-                beat.pad = PAD_REPEAT  # the freeze is on: the endpos follows within a second
-            if caught_up or time.monotonic() < next_check:
-                continue
-            next_check = time.monotonic() + 2
-            if not state.read(s.workdir()).get("caught_up_at"):
-                continue
-            caught_up = True
-            if heartbeat_ready(s):
-                beat = Heartbeat(s).start()
-            if s.mode != "rehearsal":
-                try:
-                    _start_prepare(s, stop_prepare)
-                except Exception:
-                    pass
-        else:
-            return
-        stop_prepare.set()  # the window has started: no more preparation
-        # No heartbeat yet (endpos set before catch-up, e.g. an abort): starting
-        # one now could put a heartbeat BEGIN right after the endpos (see
+            if beat is not None and beat.error:
+                log(f"follow: the heartbeat stopped ({beat.error}); starting it again in {HEARTBEAT_RETRY:.0f}s")
+                beat.stop()
+                beat = None
+                next_beat_check = time.monotonic() + HEARTBEAT_RETRY
+            if beat is not None:
+                # Frozen: the endpos follows within a second (writes given back: not any more).
+                beat.pad = PAD_REPEAT if frozen(st) else 0
+            if beat is None and st.copy_done_at and time.monotonic() >= next_beat_check:
+                next_beat_check = time.monotonic() + HEARTBEAT_CHECK
+                if heartbeat_ready(s):
+                    beat = Heartbeat(s).start()
+                    log(f"follow: db_upgrade.heartbeat is updated every {BEAT_INTERVAL * 1000:.0f} ms from now on, "
+                        "so that the target's replication origin (what the lag is read from) keeps moving")
+            if finished.wait(STATE_POLL):
+                return
+        reader.close()
+        while not apply_endpos(s, endpos, finished):
+            if finished.wait(1.0):
+                return
+        # No heartbeat yet (endpos set before the copy was done, e.g. an abort):
+        # starting one now could put a heartbeat BEGIN right after the endpos (see
         # Heartbeat); empty transactions are safe, if slower.
-        _drain_to(s, pgid, endpos, finished, beat)
+        _drain_to(s, sid, endpos, finished, beat)
     finally:
-        stop_prepare.set()
+        reader.close()
         if beat is not None:
             beat.stop()
 
@@ -305,22 +332,27 @@ def drain(s: StepSettings, pgid: int, finished: threading.Event) -> None:
 def _drain_to(s: StepSettings, sid: int, endpos: int, finished: threading.Event, beat: "Heartbeat | None") -> None:
     if beat is not None:
         beat.settle()
-    log(f"follow: endpos {fmt_lsn(endpos)} is set; "
+    log(f"follow: end position {fmt_lsn(endpos)} given to pgcopydb; "
         + ("db_upgrade.heartbeat is being updated" if beat else "nudging the source with empty transactions")
         + " so that pgcopydb reaches it promptly")
     signalled = False
     tgt = None
     try:
-        with connect(s.source(), "source") as conn:
+        with connect(s.source(), "source", purpose="drain") as conn:
             try:
-                tgt = psycopg.connect(s.target(), autocommit=True, connect_timeout=10, application_name="db-upgrade")
+                tgt = psycopg.connect(s.target(), autocommit=True, connect_timeout=10,
+                                      application_name=application_name("drain"))
             except psycopg.Error:
                 tgt = None
             next_sentinel = 0.0
+            copied = False
             while True:
                 if beat is None or beat.error:
                     conn.execute("SELECT txid_current()")  # decoded, skipped, keeps messages flowing
-                if not signalled:
+                # During the copy the origin already sits at the copy's snapshot
+                # position, which an early end position may be below.
+                copied = copied or _copy_finished(s)
+                if copied and not signalled:
                     reached, how = _gate(s, tgt, endpos, next_sentinel)
                     if how == "pgcopydb sentinel":
                         next_sentinel = time.monotonic() + 1.0
@@ -340,6 +372,11 @@ def _drain_to(s: StepSettings, sid: int, endpos: int, finished: threading.Event,
     finally:
         if tgt is not None:
             tgt.close()
+
+
+def _copy_finished(s: StepSettings) -> bool:
+    sen = sentinel.read(s, strict=False)
+    return sen is not None and sen.apply
 
 
 def _gate(s: StepSettings, tgt, endpos: int, next_sentinel: float) -> tuple[bool, str]:

@@ -1,4 +1,4 @@
-"""pgcopydb's sentinel (SQLite in --dir since 0.15) and the lag it implies.
+"""pgcopydb's sentinel (SQLite in --dir since 0.15): its endpos, replay_lsn and apply flag.
 
 Read straight from the SQLite catalog, read-only: `stream sentinel get --json`
 prints startpos in its endpos field (0.17 bug), and every pgcopydb call costs a
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from steps import pgcopydb
 from steps.errors import StepError
-from steps.pg import connect, lsn
+from steps.pg import lsn
 
 
 @dataclass(frozen=True)
@@ -30,16 +30,16 @@ def exists(workdir: Path) -> bool:
 
 
 def started(workdir: Path) -> bool:
-    """Has the follow step started pgcopydb in this dir, far enough that its
-    sentinel row exists and its snapshot is registered? Until then any pgcopydb call on the dir (sentinel get,
-    list progress) races with clone's catalog setup: it registers the catalogs
-    for an empty snapshot and clone fails ("Catalogs ... have been setup for
-    snapshot \"\"", measured). Checked read-only with SQLite, never via pgcopydb."""
+    """Has pgcopydb started in this dir, far enough that its sentinel row exists
+    and its snapshot is registered? Until then any pgcopydb call on the dir
+    (sentinel set, list progress) races with clone's catalog setup: it registers
+    the catalogs for an empty snapshot and clone fails ("Catalogs ... have been
+    setup for snapshot \"\"", measured). Checked read-only with SQLite, never
+    via pgcopydb. Only the follow step mounts the dir, so only its own threads
+    ask (the drain, before it sets the endpos)."""
     import sqlite3
 
-    from steps import state
-
-    if not (state.read(workdir).get("follow_started_at") and exists(workdir)):
+    if not exists(workdir):
         return False
     try:
         conn = pgcopydb.read_catalog(workdir)
@@ -99,7 +99,3 @@ def read(s, strict: bool = True) -> Sentinel | None:
 def replay_lsn(s) -> int:
     return lsn(row(s.workdir())[2] or "")
 
-
-def source_lsn(source_uri: str) -> int:
-    with connect(source_uri, "source") as conn:
-        return lsn(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])

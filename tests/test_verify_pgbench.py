@@ -1,0 +1,110 @@
+"""verify under pgbench TPC-B (uniformly random updates: every bucket of a
+table is dirty within seconds), PostgreSQL 15 -> 17 with native logical
+replication made by hand. The verify-prepare step keeps the comparison
+current while pgbench writes for 60 s; a round then re-checks only the last
+seconds' keys, and the final check a bounded number of them. Counts are
+asserted; times are printed (speed targets belong in bench/)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from steps import state, verify
+from tests.conftest import DB_UPGRADE
+from tests.test_verify_bounded import replicated
+
+pytestmark = pytest.mark.slow
+
+PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
+SCALE = int(os.environ.get("DB_UPGRADE_TEST_PGBENCH_SCALE", "2"))  # 10 for the measurement in docs/verify.md
+RATE = 300
+SECONDS = 60
+BARRIER = "CREATE SCHEMA db_upgrade; CREATE TABLE db_upgrade.test_barrier (n bigint PRIMARY KEY);"
+TABLES = "pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history, db_upgrade.test_barrier"
+
+
+def pgbench(uri: str, *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([PGBENCH, *args, uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def digests(uri: str) -> dict:
+    """Independent of steps.verify: each table's rows, sorted, hashed."""
+    with psycopg.connect(uri) as c:
+        return {t: c.execute(sql.SQL("SELECT count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), "
+                                     "'')) FROM {} t").format(sql.Identifier(t))).fetchone()
+                for t in ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")}
+
+
+def test_pgbench_rounds_recheck_only_the_last_seconds(dbs, capsys):
+    src, tgt = dbs
+    for uri, steps_ in ((src, "dtgp"), (tgt, "dtp")):  # the target: the same tables, empty
+        out = pgbench(uri, "-i", "-s", str(SCALE), "-I", steps_, "-q").communicate(timeout=600)[0]
+        assert "done" in out, out
+    with replicated(dbs, schema=BARRIER, data="SELECT 1", published=TABLES) as r:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_UPGRADE_", "PGCOPYDB_"))}
+        env.update(PGCOPYDB_SOURCE_PGURI=src, PGCOPYDB_TARGET_PGURI=tgt, DB_UPGRADE_SLOT_NAME=r.slot,
+                   DB_UPGRADE_RUN_ID=r.s.run_id, DB_UPGRADE_POLL_INTERVAL="1")
+        reconcile = subprocess.Popen([DB_UPGRADE, "step", "verify-prepare"], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not state.load(r.s).verify_prepared_at:
+                assert reconcile.poll() is None, reconcile.stdout.read()
+                assert time.monotonic() < deadline, "the preparation did not complete"
+                time.sleep(0.5)
+            st = state.load(r.s)
+            rounds_before = st.verify_rounds or 0
+            bench = pgbench(src, "-n", "-c", "4", "-j", "2", "-R", str(RATE), "-T", str(SECONDS))
+            started = time.monotonic()
+            seen = {}
+            while time.monotonic() < started + SECONDS - 6:
+                st = state.load(r.s)
+                if st.verify_last_round and st.verify_last_round_at not in seen:
+                    seen[st.verify_last_round_at] = (time.monotonic(), st.verify_last_round)
+                time.sleep(0.2)
+            # The cutover takes over while pgbench still writes: the reconcile
+            # step stops by itself, the settle runs the last round.
+            state.record(r.s, cutover_started_at=state.now())
+            assert reconcile.wait(timeout=30) == 0
+            settle = verify.round(r.s)
+            assert bench.poll() is None, "pgbench ended before the settle round: the machine is too slow for this test"
+            out = bench.communicate()[0]  # the freeze: writes end
+            assert bench.returncode == 0, out
+            r.drained()
+            report = verify.verify(r.s)
+        finally:
+            if reconcile.poll() is None:
+                reconcile.kill()
+        log = reconcile.stdout.read()
+        assert report.ok, report.summary()
+        assert digests(src) == digests(tgt)
+        txns = int(next(line for line in out.splitlines() if "transactions actually processed" in line)
+                   .split(":")[1].split("/")[0])
+        rounds = [rr for t, rr in sorted(seen.values(), key=lambda x: x[0]) if t > started + 5]
+        assert len(rounds) >= 10, (len(rounds), log[-3000:])
+        changed = txns * 3  # each TPC-B transaction updates an account, a teller and a branch
+        # A round re-checks the keys of the last seconds only (4 writers at RATE tps, a round every
+        # second plus its own time): far less than what changed in the minute.
+        late = rounds[-5:]
+        assert max(rr["keys_checked"] for rr in late) <= 6 * RATE * 3, late
+        # ... and over the minute, every change was re-checked by some round (an account row per transaction).
+        assert sum(rr["keys_checked"] for rr in rounds) >= 0.7 * txns * (SECONDS - 5) / SECONDS
+        assert changed > 20 * max(rr["keys_checked"] for rr in late)
+        # The final check: the keys changed since the settle round, seconds ago (pgbench_history has no key:
+        # whole).
+        assert 0 < report.keys_rechecked <= 10 * RATE * 3, (report.keys_rechecked, settle)
+        assert report.whole_tables == ["public.pgbench_history"]
+        assert state.load(r.s).verify_rounds > rounds_before + 10
+        with capsys.disabled():
+            secs = sorted(rr["seconds"] for rr in rounds)
+            print(f"\npgbench scale {SCALE}, {RATE} tps for {SECONDS}s: {txns} transactions, {len(rounds)} rounds, "
+                  f"round time median {secs[len(secs) // 2]:.3f}s max {secs[-1]:.3f}s, keys per round median "
+                  f"{sorted(rr['keys_checked'] for rr in rounds)[len(rounds) // 2]}; final verify re-checked "
+                  f"{report.keys_rechecked} keys and {len(report.whole_tables)} whole table in {report.seconds:.3f}s "
+                  f"(" + ", ".join(f"{k} {v * 1000:.0f}" for k, v in report.timings.items()) + " ms)")
