@@ -1,4 +1,5 @@
-"""Sample data of a given size in bytes, generated server side.
+"""Databases for the bench: the project's sample of a given size in bytes,
+generated server side, and the template/clone helpers every workload uses.
 
 The schema is local.workload's (foreign keys, jsonb, bytea, a partitioned
 table, a table without a primary key...). Rows come from generate_series in a
@@ -59,19 +60,16 @@ def template_name(size: int) -> str:
     return f"bench_tmpl_{size}"
 
 
-def ensure_template(server_uri: str, size: int, log=print) -> float:
-    """Load the template database for this size once; returns its pg_database_size."""
-    name = template_name(size)
-    with psycopg.connect(server_uri, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_database_size(%s) FROM pg_database WHERE datname = %s", (name, name)).fetchone()
-        if row:
-            return row[0]
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    uri = with_db(server_uri, name)
+def ensure_template(server_uri: str, size: int, log=print) -> int:
+    """The sample's template database for this size; returns its pg_database_size."""
     n = max(500, size // BYTES_PER_CUSTOMER)
+    return ensure_database(server_uri, template_name(size), lambda uri: load_sample(uri, n), log,
+                           what=f"sample, {n} customers")
+
+
+def load_sample(uri: str, n: int) -> None:
+    """local.workload's schema with n customers, 4n orders, 8n events, n audit rows."""
     names = {"schema": sql.Identifier(workload.SCHEMA), "audit": sql.Identifier(workload.AUDIT)}
-    t0 = time.time()
-    workload.ensure_app_role(uri)
     with psycopg.connect(uri, autocommit=True) as conn:
         conn.execute(sql.SQL(workload.DDL).format(**names))
         conn.execute(sql.SQL(CUSTOMERS).format(n=sql.Literal(n), **names))
@@ -100,18 +98,43 @@ def ensure_template(server_uri: str, size: int, log=print) -> float:
         conn.execute(sql.SQL("SELECT setval(pg_get_serial_sequence('shop.orders', 'id'), max(id)) FROM shop.orders"))
         conn.execute(sql.SQL("SELECT setval(pg_get_serial_sequence('shop.events', 'id'), max(id)) FROM shop.events"))
         conn.execute(sql.SQL(workload.GRANTS).format(role=sql.Identifier(workload.APP_ROLE), **names))
+
+
+def ensure_database(server_uri: str, name: str, load, log=print, what: str = "") -> int:
+    """A template database made once by load(uri); returns its pg_database_size.
+    A half-made one (the load failed or was interrupted) is dropped first: it is
+    marked complete only at the end, by a comment on the database."""
+    with psycopg.connect(server_uri, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_database_size(d.oid), shobj_description(d.oid, 'pg_database') "
+                           "FROM pg_database d WHERE datname = %s", (name,)).fetchone()
+        if row and row[1] == "bench template":
+            return row[0]
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    t0 = time.time()
+    workload.ensure_app_role(server_uri)
+    load(with_db(server_uri, name))
+    with psycopg.connect(with_db(server_uri, name), autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")
+        conn.execute("CHECKPOINT")
         got = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
-    log(f"bench: generated {pretty(size)} sample ({n} customers, {got / (1 << 20):.0f} MB) in {time.time() - t0:.0f}s")
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS 'bench template'").format(sql.Identifier(name)))
+    log(f"bench: generated {name} ({what}, {got / (1 << 20):.0f} MB) in {time.time() - t0:.0f}s")
     return got
 
 
-def clone_database(server_uri: str, size: int, name: str) -> str:
+def clone_database(server_uri: str, template: str, name: str) -> str:
+    """A file-level copy of a template: seconds, where generating takes minutes."""
     with psycopg.connect(server_uri, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
-            sql.Identifier(name), sql.Identifier(template_name(size))))
+            sql.Identifier(name), sql.Identifier(template)))
     return with_db(server_uri, name)
+
+
+def database_size(uri: str) -> int:
+    with psycopg.connect(uri) as conn:
+        return conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
 
 
 def empty_database(server_uri: str, name: str) -> str:

@@ -204,7 +204,35 @@ def abort(name: str = typer.Argument(..., help="Workflow name."), config_path: P
     _decide(name, config_path, "abort")
 
 
+def recover(name: str = typer.Argument(..., help="The terminated workflow's name."),
+            config_path: Path = ConfigOption,
+            wait: bool = typer.Option(False, "--wait", help="Follow the recovery to its end.")) -> None:
+    """After `argo terminate` (which skips the exit handler): restore writes if that run froze the
+    source and never began its switch, and drop its replication objects. Runs the template's
+    `recover` entrypoint against that run's record."""
+
+    def body() -> Optional[int]:
+        from cli import argo_client as ac
+
+        _, template, client = _setup(config_path, with_template=True)
+        wf = client.get_workflow(name)
+        phase = ac.workflow_phase(wf)
+        if phase not in ac.FINISHED:
+            raise ac.ArgoError(f"workflow {name} is {phase}: recover only a run that has ended "
+                               "(argo stop runs the exit handler itself; prefer it over argo terminate)")
+        tname = template["metadata"]["name"]
+        client.apply_template(template)
+        created = client.submit(tname, {"run-id": name}, entrypoint="recover")
+        wf_name = created["metadata"]["name"]
+        typer.echo(f"submitted {wf_name} to recover {name}")
+        typer.echo(f"link {client.settings.workflow_link(wf_name)}")
+        return follow(client, wf_name, config_path, 10.0) if wait else None
+
+    _run(body)
+
+
 def register(app: typer.Typer) -> None:
+    app.command("recover")(recover)
     # `lint --server` lives in cli_manifests' `lint` (one lint command), via argo_client.server_problems.
     app.command("submit")(submit)
     app.command("approve")(approve)

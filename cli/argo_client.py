@@ -194,15 +194,16 @@ class ArgoClient:
 
     # -- Workflows ---------------------------------------------------------------------
 
-    def submit(self, template_name: str, parameters: Mapping[str, str], labels: Mapping[str, str] | None = None
-               ) -> dict:
+    def submit(self, template_name: str, parameters: Mapping[str, str], labels: Mapping[str, str] | None = None,
+               entrypoint: str | None = None) -> dict:
         """Create a Workflow that runs the template by reference (so the template stays the one source)."""
         wf = HeraWorkflow(
-            generate_name=f"{template_name}-",
+            generate_name=f"{template_name}-" if entrypoint is None else f"{template_name}-{entrypoint}-",
             namespace=self.settings.namespace,
             labels=dict(labels or {}) or None,
             workflow_template_ref=m.WorkflowTemplateRef(name=template_name),
             arguments=dict(parameters) or None,
+            entrypoint=entrypoint,
         )
         req = m.WorkflowCreateRequest(workflow=wf.build())
         created = self._call(f"submit a Workflow from template {template_name}", self.service.create_workflow, req)

@@ -38,8 +38,9 @@ def backout_state(wf: dict) -> tuple[bool, str]:
 def decide(client, name: str, decision: str) -> str:
     """Set `decision` on the backout node and resume it: "set", or "resumed" when the same
     decision had been set before and only its resume had not gone through."""
-    from cli import argo_client as ac
     from hera.workflows import models as m
+
+    from cli import argo_client as ac
 
     if decision not in DECISIONS:
         raise ValueError(decision)

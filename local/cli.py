@@ -53,6 +53,9 @@ def register(app: typer.Typer) -> None:
         config: Path = typer.Option(None, "--config", "-c",
                                     help="environment file whose template and tunables to use (default: built in)"),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="also show pgcopydb's own log lines"),
+        rollback: bool = typer.Option(False, "--rollback",
+                                      help="open the back-out window at the cutover, keep writing on the new "
+                                           "database, then roll back (native engine)"),
         cluster_transition_seconds: float = typer.Option(
             None, "--cluster-transition-seconds", show_default=False,
             help="what a cluster adds each time the DAG moves on, for the modelled timeline"
@@ -110,6 +113,9 @@ def register(app: typer.Typer) -> None:
         switch: str = typer.Option("restart", "--switch",
                                    help="restart (the application reconnects to the target) or pgbouncer "
                                         "(it writes through a real PgBouncer, which the cutover repoints)"),
+        rollback: bool = typer.Option(False, "--rollback",
+                                      help="open the back-out window at the cutover, keep writing on the new "
+                                           "database, then roll back (native engine)"),
         cluster_transition_seconds: float = typer.Option(
             None, "--cluster-transition-seconds",
             help="what a cluster adds per DAG transition, for the modelled write-downtime (default 15)"),
@@ -130,8 +136,10 @@ def register(app: typer.Typer) -> None:
             _fail(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         if switch not in SWITCHES:
             _fail(f"--switch must be one of {', '.join(SWITCHES)}, not {switch!r}")
+        if rollback and engine != "native":
+            _fail("--rollback needs --engine native (reverse logical replication)")
         if cluster_transition_seconds is not None and cluster_transition_seconds < 0:
             _fail("--cluster-transition-seconds must be 0 or more")
         raise typer.Exit(do_rehearse(size=size, write_rate=write_rate, report_path=report, keep=keep,
                                      verbose=verbose, engine=engine, switch=switch,
-                                     transition_seconds=cluster_transition_seconds))
+                                     transition_seconds=cluster_transition_seconds, rollback=rollback))

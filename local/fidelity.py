@@ -15,10 +15,10 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Iterator
 
 import psycopg
 from psycopg import sql
@@ -31,7 +31,6 @@ APP_ROLE = 'fid "app" writer'
 APP_PASSWORD = "fid-app-password"
 
 TOAST_BYTES = 100 * 1024  # each TOASTed value is at least this big, random so it stays that big on disk
-WAL_SEGMENT = 16 * 1024 * 1024
 
 # Text that a change stream has to quote, escape or tell apart from NULL.
 AWKWARD_TEXT: tuple[str | None, ...] = (
@@ -158,11 +157,6 @@ CREATE TABLE {schema}.scratch (
 CREATE TABLE {schema}.bulk (
     id bigserial PRIMARY KEY,
     chunk bytea
-);
--- A row written last on the source: once the target shows it, the target has
--- every transaction committed before it (the apply follows commit order).
-CREATE TABLE {schema}.marker (
-    id int PRIMARY KEY
 );
 """
 
@@ -349,8 +343,9 @@ def _random_row(table: str) -> sql.Composable:
 
 def run_operation(conn: psycopg.Connection, op: str, rng: random.Random, profile: Profile = FULL) -> None:
     """One of OPERATIONS, in its own transaction."""
-    t = lambda name: sql.Identifier(SCHEMA, name)  # noqa: E731
-    q = lambda text, *names: sql.SQL(text).format(*[t(n) for n in names])  # noqa: E731
+    def q(text: str, *tables: str) -> sql.Composed:
+        return sql.SQL(text).format(*[sql.Identifier(SCHEMA, name) for name in tables])
+
     with conn.transaction():
         if op == "docs_touch":
             conn.execute(q("UPDATE {} SET version = version + 1, updated_at = now() WHERE id = ", "docs")
@@ -437,7 +432,7 @@ class Writer:
         self._lock = threading.Lock()
         self._workers: list[threading.Thread] = []
 
-    def start(self) -> "Writer":
+    def start(self) -> Writer:
         for i in range(self.threads):
             w = threading.Thread(target=self._run, args=(random.Random(self._seed + i),), daemon=True)
             w.start()
@@ -493,23 +488,6 @@ def truncate_scratch(uri: str) -> None:
             sql.Identifier(SCHEMA, "scratch")), ("after truncate: it's'", "null"))
 
 
-def write_marker(uri: str, n: int = 1) -> None:
-    with psycopg.connect(uri, autocommit=True) as conn:
-        conn.execute(sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(sql.Identifier(SCHEMA, "marker")), (n,))
-
-
-def wait_marker(uri: str, n: int = 1, timeout: float = 60, alive=lambda: True) -> bool:
-    """Wait until the marker row n is visible in uri (False on timeout or once alive() is False)."""
-    deadline = time.monotonic() + timeout
-    with psycopg.connect(uri, autocommit=True) as conn:
-        while time.monotonic() < deadline and alive():
-            if conn.execute(sql.SQL("SELECT 1 FROM {} WHERE id = %s").format(sql.Identifier(SCHEMA, "marker")),
-                            (n,)).fetchone():
-                return True
-            time.sleep(0.2)
-    return False
-
-
 def wal_segment(conn: psycopg.Connection) -> str:
     return conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()[0]
 
@@ -546,7 +524,7 @@ def logical_decoding_work_mem(server_uri: str, value: str = "64kB") -> Iterator[
     """Set the source server's logical_decoding_work_mem (superuser), restore it after."""
     with psycopg.connect(server_uri, autocommit=True) as conn:
         before = conn.execute("SELECT setting FROM pg_settings WHERE name = 'logical_decoding_work_mem' "
-                              "AND source = 'configuration file' AND sourcefile LIKE '%%.auto.conf'").fetchone()
+                              "AND source = 'configuration file' AND sourcefile LIKE '%.auto.conf'").fetchone()
         conn.execute(sql.SQL("ALTER SYSTEM SET logical_decoding_work_mem = {}").format(sql.Literal(value)))
         conn.execute("SELECT pg_reload_conf()")
     try:

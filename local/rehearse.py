@@ -120,6 +120,7 @@ def build_report(*, size: str, engine: str, switch: str, db_bytes: int | None, r
         "run": run_report,
     }
     ok_switch = (downtime is not None or write_rate == 0)
+    # With a rollback the application ends on the source again: its last switch is back.
     if switch == "pgbouncer" and stats is not None and write_rate > 0:
         ok_switch = ok_switch and stats.failed_transactions == 0
     report["ok"] = bool(report["status"] == "Succeeded" and not error and run_report.get("verify_ok") is True
@@ -160,14 +161,22 @@ def print_report(console, report: dict) -> None:
         ("replication slots left on the source", "-" if report["leftover_slots"] is None
          else str(report["leftover_slots"])),
     ]
+    rb = report.get("rollback")
+    if "rollback" in report:
+        rows.append(("rollback", "-" if not rb else
+                     f"{rb.get('status')}: {rb.get('verification')}; {rb.get('writes_after_cutover')} writes made on "
+                     f"the new database came back; downtime {_seconds(rb.get('write_downtime_seconds'))}"))
     for name, value in rows:
         t.add_row(name, value)
     console.print(t)
 
 
+ROLLBACK_AFTER = 5.0  # seconds the application writes on the new database before the rollback
+
+
 def rehearse(*, size: str = "small", write_rate: float = 50, report_path: Path | None = None, keep: bool = False,
              verbose: bool = False, engine: str = "native", switch: str = "restart",
-             transition_seconds: float | None = None) -> int:
+             transition_seconds: float | None = None, rollback: bool = False) -> int:
     from rich.console import Console
 
     from local import workload
@@ -197,6 +206,8 @@ def rehearse(*, size: str = "small", write_rate: float = 50, report_path: Path |
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_UPGRADE_", "PGCOPYDB_"))}
         env.update(DB_UPGRADE_ENGINE=engine, DB_UPGRADE_APP_ROLES=workload.APP_ROLE,
                    DB_UPGRADE_POLL_INTERVAL="0.5", DB_UPGRADE_TABLE_JOBS="2", DB_UPGRADE_INDEX_JOBS="2")
+        if rollback:
+            env.update(DB_UPGRADE_BACKOUT="true")
         on_switch = None
         if switch == "pgbouncer":
             from local.pgbouncer import PgBouncer
@@ -212,17 +223,29 @@ def rehearse(*, size: str = "small", write_rate: float = 50, report_path: Path |
             app = workload.app_uri(src)
             target_app = workload.app_uri(tgt)
 
-            def on_switch() -> None:
-                # The cutover's switch: the application now connects to the new database.
+            def on_switch(task: str) -> None:
+                # The cutover's switch: the application now connects to the new database; the
+                # rollback's: back to the old one.
+                back = task == "rollback"
                 if writer is not None:
-                    writer.switch_to(target_app)
-                _log(console, "application switched to the target (the cutover's switch)")
+                    writer.switch_to(app if back else target_app)
+                _log(console, f"application switched to the {'source (the rollback' if back else 'target (the cutover'}'s "
+                              "switch)")
         if write_rate > 0:
             _log(console, f"application writing {write_rate:g}/s to the source through its own role")
             writer = workload.Writer(app, rate=write_rate, threads=2, pooled=switch == "pgbouncer").start()
             time.sleep(1)
+        answers = {}
+        if rollback:
+            def roll_back(_lag: str) -> str:
+                _log(console, f"the back-out window is open: the application writes on the new database for "
+                              f"{ROLLBACK_AFTER:g}s, then the rehearsal rolls back")
+                time.sleep(ROLLBACK_AFTER)
+                return "rollback"
+
+            answers["backout"] = roll_back
         result = execute(load_template(), console=console, approve="auto", verbose=verbose,
-                         source=src, target=tgt, workdir=workdir, readonly_sql=readonly,
+                         source=src, target=tgt, workdir=workdir, readonly_sql=readonly, suspend_answers=answers,
                          unfreeze_sql=unfreeze, on_restart=on_switch, base_env=env,
                          transition_seconds=DEFAULT_TRANSITION_SECONDS if transition_seconds is None
                          else transition_seconds)
@@ -266,6 +289,7 @@ def rehearse(*, size: str = "small", write_rate: float = 50, report_path: Path |
             run_report = json.loads(_output(workdir, "report", "report") or "{}")
             timings = json.loads(_output(workdir, "cutover", "timings") or "{}")
             cutover_seconds = _float(_output(workdir, "cutover", "write-downtime-seconds"))
+            rolled = json.loads(_output(workdir, "rollback", "rollback") or "null")
             if keep:
                 _log(console, f"servers stopped; their files are kept in {pair.base}")
                 pair.stop()
@@ -275,11 +299,15 @@ def rehearse(*, size: str = "small", write_rate: float = 50, report_path: Path |
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if interrupted and error is None:
         error = "interrupted (Ctrl-C)"
+    rolled = rolled if pair is not None else None
     report = build_report(size=size, engine=engine, switch=switch, db_bytes=db_bytes,
                           run_report=run_report if pair is not None else {},
                           timings=timings if pair is not None else {}, result=result, stats=stats,
                           write_rate=write_rate, slots_left=slots_left,
                           cutover_seconds=cutover_seconds if pair is not None else None, error=error)
+    if rollback:
+        report["rollback"] = rolled
+        report["ok"] = report["ok"] and bool(rolled) and rolled.get("status") == "rolled back"
     if report_path is not None:  # before printing: a closed terminal must not lose it
         report_path.write_text(json.dumps(report, indent=2) + "\n")
     print_report(out, report)

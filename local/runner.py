@@ -499,8 +499,9 @@ class Runner:
         unfreeze_sql: Path,
         params: dict[str, str] | None = None,
         approver: Callable[[str], "str | TimedOut"] | None = None,
-        on_restart: Callable[[], None] | None = None,
+        on_restart: Callable[..., None] | None = None,
         restart_command: str | None = None,
+        suspend_answers: dict[str, Callable[[str], "str | TimedOut"]] | None = None,
         executor: Callable[[StepCall, "Runner"], tuple[str, str]] | None = None,
         emit: Callable[[str, str], None] | None = None,
         base_env: dict[str, str] | None = None,
@@ -530,6 +531,9 @@ class Runner:
         self.approver = approver or (lambda lag: "abort")
         self.on_restart = on_restart
         self.restart_command = restart_command
+        # Suspend nodes other than approve (the back-out window): answered by these, or, without
+        # one, left to run their timeout (their defaults apply), without waiting locally.
+        self.suspend_answers = dict(suspend_answers or {})
         self.executor = executor or run_subprocess
         self.emit = emit or (lambda task, line: print(f"[{task}] {line}", file=sys.stderr, flush=True))
         self.base_env = dict(os.environ if base_env is None else base_env)
@@ -672,6 +676,9 @@ class Runner:
         env["ARGO_PROGRESS_FILE"] = str(self.progress_file(task))
         if "DB_UPGRADE_SWITCH" not in self.base_env:  # the operator's own choice wins
             env.update(self.switch_env)
+            if self.on_restart and not self.restart_command:
+                marker = self.rundir / f"switched-{task}"
+                env["DB_UPGRADE_SWITCH_COMMAND"] = f"touch {shlex.quote(str(marker))}"
         return env
 
     def _switch_env(self) -> dict[str, str]:
@@ -680,17 +687,22 @@ class Runner:
         if self.restart_command:
             return {"DB_UPGRADE_SWITCH": "command", "DB_UPGRADE_SWITCH_COMMAND": self.restart_command}
         if self.on_restart:
-            marker = self.rundir / "switched"
-            threading.Thread(target=self._wait_switch, args=(marker,), daemon=True, name="switch-hook").start()
-            return {"DB_UPGRADE_SWITCH": "command",
-                    "DB_UPGRADE_SWITCH_COMMAND": f"touch {shlex.quote(str(marker))}"}
+            threading.Thread(target=self._wait_switch, daemon=True, name="switch-hook").start()
+            return {"DB_UPGRADE_SWITCH": "command"}  # the command: touch a marker per task (step_env)
         return {}
 
-    def _wait_switch(self, marker: Path) -> None:
-        while not marker.exists():
-            if self.finished.wait(0.005):
-                return
-        self.on_restart()
+    def _wait_switch(self) -> None:
+        """Calls the hook, with the switching task's name, the moment its switch runs."""
+        import inspect
+
+        takes_task = bool(inspect.signature(self.on_restart).parameters)
+        seen: set[str] = set()
+        while not self.finished.wait(0.005):
+            for marker in self.rundir.glob("switched-*") if self.rundir.is_dir() else ():
+                task = marker.name.removeprefix("switched-")
+                if task not in seen:
+                    seen.add(task)
+                    self.on_restart(task) if takes_task else self.on_restart()
 
     # -- one task
     def _inputs(self, template: dict, task: dict, dag: str | None = None) -> dict[str, str]:
@@ -812,10 +824,11 @@ class Runner:
             self._finish(name, template, "Failed", "stopped", None, nodes)
             return
         decision = None
+        answer = self.approver if name == "approve" else self.suspend_answers.get(name, lambda _i: TimedOut(None))
         if not self.interrupts:
             self.prompting = True
             try:
-                decision = self.approver(inputs.get("lag", ""))
+                decision = answer(inputs.get("lag", ""))
             except (KeyboardInterrupt, EOFError):
                 self.interrupts = max(self.interrupts, 1)
             finally:
@@ -834,10 +847,10 @@ class Runner:
         if decision is not None and allowed and decision not in allowed:
             raise RunError(f"approval answer {decision!r} is not one of {', '.join(allowed)}")
         if timed_out:
-            self.emit(name, f"approve: timed out after {suspend_seconds(template):.0f}s"
+            self.emit(name, f"{name}: timed out after {suspend_seconds(template):.0f}s"
                       + (f", with the decision {decision} set earlier" if decision else ""))
         else:
-            self.emit(name, f"approve: decision {decision}")
+            self.emit(name, f"{name}: decision {decision}")
         self._finish(name, template, "Succeeded", "", None, nodes, decision=decision, timed_out=timed_out)
 
     # -- a whole DAG

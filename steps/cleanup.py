@@ -32,8 +32,9 @@ def cleanup(s: StepSettings) -> None:
         log(f"cleanup: keeping replication slot {s.slot_name!r} and the run's state for a retry (keep-slot-on-failure); "
             "run cleanup without DB_UPGRADE_KEEP_SLOT to drop them")
         return
-    from steps import verify
+    from steps import backout, verify
 
+    backout.end(s)  # first: the target's db_upgrade schema below carries its barrier
     verify.teardown(s)
     engines.get(s).cleanup()
     st = state.load(s)

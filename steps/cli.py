@@ -93,6 +93,10 @@ for _name, _module, _func, _doc in [
     ("create-scratch-target", "scratch", "create_scratch_target", "Rehearsal: create the scratch target database."),
     ("drop-scratch-target", "scratch", "drop_scratch_target", "Rehearsal: drop the scratch target database."),
     ("report", "report", "report", "Exit handler: the run's report, in the log, the outputs and the history."),
+    ("rollback", "backout", "rollback", "Go back to the old database: freeze the new one, drain, verify, switch back."),
+    ("end-backout", "backout", "end", "Drop the back-out window's reverse replication on both sides."),
+    ("backout-status", "backout", "status_step", "The back-out window: lag, WAL kept, time left."),
+    ("backout-verify-prepare", "backout", "verify_prepare", "Prepare the rollback's exact comparison during the window."),
 ]:
     _add(_name, _module, _func, _doc)
 

@@ -187,6 +187,15 @@ def _window(s: StepSettings, engine, sw) -> dict:
         t = time.monotonic()
         report = _verify().verify(s)
         timings["verify"] = time.monotonic() - t
+        # The change recording's triggers on the target would make the applications'
+        # first writes there fail (they may not write our schema): gone before the switch.
+        t = time.monotonic()
+        _verify().teardown(s)
+        timings["verify_teardown"] = time.monotonic() - t
+        if s.backout:  # before the first application write on the new side: nothing to copy back
+            from steps import backout
+
+            timings["backout_prepare"] = backout.prepare(s)
         fence.lift(s)
         lifted = True
         state.record(s, switch_started_at=state.now())  # the point of no return
@@ -202,8 +211,29 @@ def _window(s: StepSettings, engine, sw) -> dict:
     s.write_output("timings", json.dumps({k: round(v, 3) for k, v in timings.items()}))
     parts = ", ".join(f"{k} {v:.2f}s" for k, v in timings.items())
     log(f"cutover: done; application writes were frozen for {downtime:.2f}s ({parts})")
-    late = _late_writes(s, frozen_at)
-    return {"write_downtime_seconds": downtime, "timings": timings, "verify": report, "late_writes": late}
+    late = _late_writes(s, frozen_at)  # before the reverse stream writes to the old database
+    backout_open = _start_backout(s)
+    return {"write_downtime_seconds": downtime, "timings": timings, "verify": report, "late_writes": late,
+            "backout": backout_open}
+
+
+def _start_backout(s: StepSettings) -> bool:
+    """After the switch: the old database replays the new one's writes (the back-out window).
+    A failure here never fails the cutover: the applications already write to the new side."""
+    if not s.backout:
+        s.write_output("backout", "off")
+        return False
+    from steps import backout
+
+    try:
+        backout.start(s)
+    except StepError as exc:
+        log(f"cutover: THE BACK-OUT WINDOW COULD NOT OPEN ({exc}); the upgrade is done, there is no way back "
+            "without losing the writes made on the new database")
+        s.write_output("backout", "off")
+        return False
+    s.write_output("backout", "open")
+    return True
 
 
 def _rescue(s: StepSettings, sw, lifted: bool, exc: BaseException) -> None:
@@ -213,6 +243,13 @@ def _rescue(s: StepSettings, sw, lifted: bool, exc: BaseException) -> None:
     try:
         if lifted:
             fence.fence(s)
+        if s.backout:  # a slot left on the new side would keep its WAL
+            from steps import backout
+
+            try:
+                backout.end(s)
+            except Exception as end_exc:
+                log(f"cutover: could not drop the back-out window's objects ({end_exc}); cleanup drops them")
     finally:
         try:
             freeze.unfreeze(s, reason="the cutover failed before the switch")

@@ -137,6 +137,10 @@ def unfreeze_after_failure(s: StepSettings) -> None:
     """The exit handler's backstop (a killed cutover pod): restore writes only if
     this run froze the source and the switch never began. Decided from the run's
     record in the very database it would unfreeze."""
+    if s.backout:  # a rollback killed inside its own frozen window: writes back on the new side
+        from steps import backout
+
+        backout.after_failure(s)
     st = state.load(s)
     if not st.switch_started_at:
         # A cutover killed while PgBouncer held the applications: let them go (on the old database).

@@ -1033,6 +1033,10 @@ def preflight(s: StepSettings) -> Report:
             engine_checks(s, src, tgt, r)
         else:
             r.note(f"the {s.engine} engine's checks need both databases: not run")
+    if s.backout:
+        from steps import backout
+
+        backout.check(s, r)
 
     if r.problems:
         raise StepError(f"preflight found {len(r.problems)} problem(s): " + " | ".join(r.problems))

@@ -389,3 +389,26 @@ def test_something_that_is_not_argo_is_one_line(run, fake, monkeypatch):
         monkeypatch.setattr(fake, "route", lambda method, path, body: (200, payload))
         line = one_line_error(run("status", WF))
         assert "did not answer like an Argo Server" in line and "ARGO_BASE_HREF" in line
+
+
+def test_recover_runs_the_recover_entrypoint_against_the_terminated_run(run, fake, template):
+    """`argo terminate` skips the exit handler: `recover` does its work for that run's record."""
+    name = template["metadata"]["name"]
+    fake.templates[(NS, name)] = {**template, "metadata": {**template["metadata"], "namespace": NS,
+                                                           "resourceVersion": "1"}}
+    fake.script(NS, "db-upgrade-prod-dead1", [status("Failed", message="Stopped with strategy 'Terminate'")],
+                template=name)
+    result = run("recover", "db-upgrade-prod-dead1")
+    assert result.exit_code == 0, result.output
+    workflow = fake.bodies("POST", f"/api/v1/workflows/{NS}")[0]["workflow"]
+    assert_valid(workflow)
+    assert workflow["spec"]["entrypoint"] == "recover"
+    assert workflow["spec"]["arguments"] == {"parameters": [{"name": "run-id", "value": "db-upgrade-prod-dead1"}]}
+    assert "recover db-upgrade-prod-dead1" in result.stdout
+
+
+def test_recover_refuses_a_run_that_is_still_going(run, fake, template):
+    fake.script(NS, "db-upgrade-prod-live1", [status("Running")], template=template["metadata"]["name"])
+    result = run("recover", "db-upgrade-prod-live1")
+    assert result.exit_code == 1 and "is Running: recover only a run that has ended" in result.output
+    assert not fake.bodies("POST", f"/api/v1/workflows/{NS}")

@@ -361,7 +361,8 @@ def test_the_real_template_freezes_and_switches_in_one_pod(wt, tmp_path):
     assert abs(result.modelled_window_seconds(3.5) - 3.5) <= 1.5
     # The same run through the five-pod window of the template before issue 12 (its shape only).
     old = copy.deepcopy(wt)
-    tasks = {t["name"]: t for t in dag_of(old)}
+    tasks = {t["name"]: t for t in dag_of(old) if t["name"] not in (
+        "backout", "backout-verify-prepare", "rollback", "end-backout")}  # the back-out window came later
     pods = {t["name"]: t for t in old["spec"]["templates"]}
     chain = ["finish", "verify", "cleanup", "restart"]
     for step in ("freeze", "verify", "restart"):

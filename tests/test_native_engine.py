@@ -330,3 +330,40 @@ def test_source_and_target_restarts_while_streaming(pair, dbs, tmp_path):
         assert digests(run.src) == digests(run.tgt)
         cleanup.cleanup(run.s)
         assert leftovers(run.src, run.tgt)["slots"] == 0
+
+
+def test_a_retried_cutover_never_reuses_the_first_attempts_end(pair, dbs, tmp_path):
+    """What `argo retry` does after a failed cutover (with keep-slot-on-failure): the
+    cutover runs again in the same run. Writes made between the attempts must reach
+    the target: the retry sets an end of its own instead of the stale one."""
+    with Run(pair, dbs, tmp_path, DB_UPGRADE_DRAIN_TIMEOUT=3) as run:
+        run.writing(rate=100)
+        run.start("follow")
+        run.wait_caught_up()
+        s = run.s.model_copy(update={"skip_verify_preparation": True, "drain_timeout": 3.0})
+        with psycopg.connect(run.tgt, autocommit=True) as conn:  # a stopped stream: refused before any freeze
+            conn.execute("ALTER SUBSCRIPTION db_upgrade DISABLE")
+            with pytest.raises(StepError, match="is disabled; nothing was frozen"):
+                cutover.cutover(s)
+            assert not state.load(run.s).frozen_at
+            conn.execute("ALTER SUBSCRIPTION db_upgrade ENABLE")
+        lock = psycopg.connect(run.tgt)  # the apply stalls behind a lock: the drain cannot finish in time
+        lock.execute(sql.SQL("LOCK TABLE {}.orders IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(workload.SCHEMA)))
+        try:
+            with pytest.raises(StepError, match="did not reach the end position"):
+                cutover.cutover(s)
+        finally:
+            lock.close()
+        first = state.load(run.s)
+        assert first.unfrozen_at >= first.frozen_at and not first.switch_started_at
+        time.sleep(2)  # the application writes again on the source between the attempts
+        result = cutover.cutover(s)
+        second = state.load(run.s)
+        assert second.end_position != first.end_position and second.end_position_set_at > first.frozen_at
+        run.writer.stop()
+        run.writer = None
+        assert result["verify"].ok and digests(run.src) == digests(run.tgt)
+        assert sequences_not_behind(run.src, run.tgt)
+        assert run.wait("follow", 60) == 0
+        cleanup.cleanup(run.s)
+        assert leftovers(run.src, run.tgt)["slots"] == 0

@@ -418,3 +418,11 @@ def test_follow_data_limit_notes():
     out = follow.data_limit_notes("wal2json", COLUMNS)
     assert "6 decimals" in out[0].text and "shop.prices.amount" in out[1].text
     assert "no numeric" in follow.data_limit_notes("wal2json", COLUMNS[:2])[1].text
+
+
+def test_full_identity_columns_without_equality_are_a_problem_for_native():
+    from steps.engines.native import preflight as npf
+
+    assert npf.judge_full_identity_equality([]).kind == "ok"
+    f = npf.judge_full_identity_equality([("shop.audit", "payload", "json")])
+    assert f.kind == "problem" and "shop.audit.payload (json)" in f.text and "jsonb" in f.text

@@ -357,3 +357,12 @@ def test_prepare_is_safe_to_stop_and_run_again(dbs, monkeypatch):
         with psycopg.connect(r.tgt) as c:
             assert c.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'db_upgrade_verify%'").fetchone()[0] == 0
             assert c.execute("SELECT to_regclass('db_upgrade.verify_pending')").fetchone()[0] is None
+
+
+def test_rehearsal_runs_one_bounded_round_and_counts_with_drift(rep):
+    s = rep.s.model_copy(update={"mode": "rehearsal"})
+    rep.source("INSERT INTO app.scratch SELECT g, 'new' FROM generate_series(5000, 5099) g")  # the source keeps writing
+    report = verify.verify(s)
+    assert report.ok and report.method == "rehearsal" and report.round_seconds is not None
+    assert {t.table for t in report.tables} >= {"app.items", "app.scratch"}
+    assert "bounded round" in report.notes[0]

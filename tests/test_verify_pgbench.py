@@ -107,4 +107,7 @@ def test_pgbench_rounds_recheck_only_the_last_seconds(dbs, capsys):
                   f"round time median {secs[len(secs) // 2]:.3f}s max {secs[-1]:.3f}s, keys per round median "
                   f"{sorted(rr['keys_checked'] for rr in rounds)[len(rounds) // 2]}; final verify re-checked "
                   f"{report.keys_rechecked} keys and {len(report.whole_tables)} whole table in {report.seconds:.3f}s "
-                  f"(" + ", ".join(f"{k} {v * 1000:.0f}" for k, v in report.timings.items()) + " ms)")
+                  f"(" + ", ".join(f"{k} {v * 1000:.0f}" for k, v in report.timings.items()) + " ms); a round's parts "
+                  f"(median, ms): " + ", ".join(
+                      f"{k} {sorted(rr['timings'].get(k, 0) for rr in rounds)[len(rounds) // 2] * 1000:.0f}"
+                      for k in rounds[-1]["timings"]))

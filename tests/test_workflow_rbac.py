@@ -60,7 +60,7 @@ def test_named_deployments_rules_exactly(tmp_path):
 
 
 def test_no_database_pod_can_patch_deployments(tmp_path):
-    """Every template but the cutover runs as the account without the restart Role."""
+    """Every template but the two switches (cutover, rollback) runs as the account without the restart Role."""
     from workflows.upgrade import render
 
     cfg = config(tmp_path)
@@ -71,7 +71,7 @@ def test_no_database_pod_can_patch_deployments(tmp_path):
     for t in wt["spec"]["templates"]:
         if "container" in t:
             account = t.get("serviceAccountName", wt["spec"]["serviceAccountName"])
-            assert (account in patchers) == (t["name"] == "cutover"), t["name"]
+            assert (account in patchers) == (t["name"] in ("cutover", "rollback")), t["name"]  # the switches
 
 
 def test_selector_in_another_namespace(tmp_path):

@@ -16,6 +16,7 @@ from workflows.upgrade import render
 POD_STEPS = {
     "create-scratch-target", "drop-scratch-target", "preflight", "grant-replication", "follow", "wait-caught-up",
     "verify-prepare", "cutover", "finish", "cleanup", "cleanup-after-failure", "unfreeze-after-failure", "report",
+    "rollback", "end-backout", "backout-verify-prepare",
 }
 COMMAND = {"cleanup-after-failure": "cleanup"}
 
@@ -38,9 +39,15 @@ def test_dag_depends_exactly(wt):
         "cutover": "wait-caught-up.Succeeded && (approve.Succeeded || approve.Skipped)",
         "finish": "cutover.Succeeded || cutover.Skipped || cutover.Failed || cutover.Errored"
         " || approve.Failed || approve.Errored || wait-caught-up.Failed || wait-caught-up.Errored",
+        "backout": "cutover.Succeeded",
+        "backout-verify-prepare": "cutover.Succeeded",
+        "rollback": "backout.Succeeded",
+        "end-backout": "backout.Succeeded",
         "cleanup": "finish.Succeeded && (cutover.Succeeded || cutover.Skipped) && follow.Succeeded"
         " && (verify-prepare.Succeeded || verify-prepare.Skipped || verify-prepare.Failed || verify-prepare.Errored"
-        " || verify-prepare.Omitted)",
+        " || verify-prepare.Omitted) && (backout-verify-prepare.Succeeded || backout-verify-prepare.Skipped"
+        " || backout-verify-prepare.Failed || backout-verify-prepare.Errored || backout-verify-prepare.Omitted)"
+        " && (backout.Skipped || backout.Omitted || end-backout.Succeeded || rollback.Succeeded)",
     }
     for task in dag_tasks(wt, "upgrade") + dag_tasks(wt, "exit-handler") + dag_tasks(wt, "recover"):
         # Bare `depends: a` also matches a.Skipped: every reference names its result.
@@ -91,8 +98,25 @@ def test_manual_cutover_happy_path(wt):
     assert simulate(wt) == {
         "create-scratch-target": "Skipped", "preflight": "Succeeded", "grant-replication": "Succeeded",
         "follow": "Succeeded", "wait-caught-up": "Succeeded", "verify-prepare": "Succeeded", "approve": "Succeeded",
-        "cutover": "Succeeded", "finish": "Succeeded", "cleanup": "Succeeded",
+        "cutover": "Succeeded", "backout": "Skipped", "backout-verify-prepare": "Skipped", "rollback": "Omitted",
+        "end-backout": "Omitted", "finish": "Succeeded", "cleanup": "Succeeded",
     }
+
+
+def test_back_out_window_then_rollback_or_end(wt):
+    opened = {"tasks.cutover.outputs.parameters.backout": "open"}
+    s = simulate(wt, extra_values={**opened, "tasks.backout.outputs.parameters.decision": "rollback"})
+    assert (s["backout"], s["backout-verify-prepare"], s["rollback"], s["end-backout"], s["cleanup"]) == (
+        "Succeeded", "Succeeded", "Succeeded", "Skipped", "Succeeded")
+    s = simulate(wt, extra_values={**opened, "tasks.backout.outputs.parameters.decision": "end"})
+    assert (s["rollback"], s["end-backout"], s["cleanup"]) == ("Skipped", "Succeeded", "Succeeded")
+    # A failed rollback leaves the cleanup to the exit handler (its cleanup ends the window too).
+    s = simulate(wt, extra_values={**opened, "tasks.backout.outputs.parameters.decision": "rollback"},
+                 outcomes={"rollback": "Failed"})
+    assert s["cleanup"] == "Omitted"
+    backout = templates(wt)["backout"]
+    assert backout["suspend"]["duration"] == "172800"  # the deadline: the window ends by itself
+    assert {p["name"] for p in backout["inputs"]["parameters"]} <= {p["name"] for p in backout["outputs"]["parameters"]}
 
 
 def test_abort_stops_follow_without_a_cutover_then_cleans_up(wt):
@@ -270,7 +294,8 @@ def test_only_the_cutover_may_move_the_applications_and_only_the_report_writes_h
     assert wt["spec"]["serviceAccountName"] == "db-upgrade"
     assert ts["cutover"]["serviceAccountName"] == "db-upgrade-switch"
     assert ts["report"]["serviceAccountName"] == "db-upgrade-report"
-    assert {n for n, t in ts.items() if "serviceAccountName" in t} == {"cutover", "report"}
+    assert ts["rollback"]["serviceAccountName"] == "db-upgrade-switch"  # it moves the applications back
+    assert {n for n, t in ts.items() if "serviceAccountName" in t} == {"cutover", "rollback", "report"}
     env = {e["name"]: e.get("value") for e in ts["report"]["container"]["env"]}
     assert env["DB_UPGRADE_HISTORY_CONFIGMAP"] == "db-upgrade-history-orders"
     assert env["DB_UPGRADE_NAMESPACE"] == "{{workflow.namespace}}"

@@ -149,6 +149,17 @@ class Switch(_Model):
     pgbouncer: PgBouncerSwitch | None = None
 
 
+class Backout(_Model):
+    """The back-out window (steps/backout/, native engine): after the cutover the old
+    database replays the new one's writes, so that a rollback loses nothing."""
+
+    enabled: bool = False
+    window_seconds: Seconds = 2 * 24 * 3600
+    # The new database as the OLD server reaches it (stored in its pg_subscription).
+    # Default: the target connection.
+    connection: Endpoint | None = None
+
+
 class AccessMode(str, Enum):
     rwo = "ReadWriteOnce"
     rwx = "ReadWriteMany"
@@ -235,6 +246,7 @@ class Config(_Model):
     follow_grace_period_seconds: Seconds = 300
     rehearsal: Rehearsal = Rehearsal()
     resources: Resources = Resources()
+    backout: Backout = Backout()
 
     @model_validator(mode="after")
     def _switch_configured(self) -> Config:
@@ -242,6 +254,8 @@ class Config(_Model):
             raise ValueError("switch.strategy restart needs the restart section (deployments or selector)")
         if self.switch.strategy == "pgbouncer" and self.switch.pgbouncer is None:
             raise ValueError("switch.strategy pgbouncer needs the switch.pgbouncer section")
+        if self.backout.enabled and self.engine != Engine.native:
+            raise ValueError("backout.enabled needs engine native (reverse logical replication)")
         return self
 
     @property

@@ -158,6 +158,11 @@ class _Builder:
         ]
         if cfg.connections.subscription is not None:
             env.append(_uri_env("DB_UPGRADE_SUBSCRIPTION_PGURI", cfg.connections.subscription))
+        if cfg.backout.enabled:
+            env += [Env(name="DB_UPGRADE_BACKOUT", value="true"),
+                    Env(name="DB_UPGRADE_BACKOUT_WINDOW_SECONDS", value=str(cfg.backout.window_seconds))]
+            if cfg.backout.connection is not None:
+                env.append(_uri_env("DB_UPGRADE_BACKOUT_PGURI", cfg.backout.connection))
         if self.service_file:
             env.append(Env(name="PGSERVICEFILE", value=f"{SERVICE_FILE_DIR}/pg_service.conf"))
         if sql:
@@ -425,9 +430,36 @@ def build(cfg: Config) -> WorkflowTemplate:
                 _out("verify", default=""),
                 _out("late-writes", default=""),
                 _out("timings", default=""),
+                _out("backout", default="off"),
             ],
             metrics=_cutover_metrics(cfg),
         )
+        # The back-out window: a suspend whose timeout ends it (a forgotten slot must never
+        # fill the new database's disk), and the two ways out.
+        backout = Suspend(
+            name="backout",
+            duration=cfg.backout.window_seconds,
+            inputs=[Parameter(name="decision", default="end", enum=["rollback", "end"],
+                              description="rollback: back to the old database, losing nothing; end: keep the new one")],
+            outputs=[_supplied("decision", "end")],
+        )
+        rollback = b.step(
+            "rollback",
+            sql=True,
+            deadline=cutover_deadline,
+            resources=cfg.resources.cutover,
+            service_account_name=cfg.switch_service_account,  # it moves the applications back
+            inputs=[Parameter(name="decision-started", default=""), Parameter(name="decision-finished", default="")],
+            env=[*b.switch_env(),
+                 Env(name="DB_UPGRADE_BACKOUT_DECISION_STARTED_AT", value="{{inputs.parameters.decision-started}}"),
+                 Env(name="DB_UPGRADE_BACKOUT_DECISION_FINISHED_AT", value="{{inputs.parameters.decision-finished}}"),
+                 Env(name="DB_UPGRADE_DRAIN_TIMEOUT", value=str(t.drain_seconds))],
+            volumes=b.switch_volumes(),
+            outputs=[_out(n, default="") for n in ("rollback", "rollback-write-downtime-seconds", "rollback-verify")],
+        )
+        end_backout = b.step("end-backout")
+        backout_verify_prepare = b.step("backout-verify-prepare", deadline=cfg.backout.window_seconds + 3600,
+                                        resources=cfg.resources.verify_prepare)
         # finish only sets the end position: follow stops once the target has it.
         finish = b.step("finish")
         cleanup = b.step("cleanup")
@@ -483,11 +515,23 @@ def build(cfg: Config) -> WorkflowTemplate:
             Task(name="finish", template=finish,
                  depends=f"{_any_end('cutover')} || {_failed('approve')} || {_failed('wait-caught-up')}")
             # After the switch (or an abort), and once follow has let go.
-            # After the switch (or an abort), once follow has let go and verify-prepare
-            # has stopped (cleanup drops the tracking it reads).
+            # The back-out window, when the cutover opened one.
+            opened = "'{{tasks.cutover.outputs.parameters.backout}}' == 'open'"
+            chosen = "'{{tasks.backout.outputs.parameters.decision}}'"
+            Task(name="backout", template=backout, depends="cutover.Succeeded", when=opened)
+            Task(name="backout-verify-prepare", template=backout_verify_prepare, depends="cutover.Succeeded",
+                 when=opened)
+            Task(name="rollback", template=rollback, depends="backout.Succeeded", when=f"{chosen} == 'rollback'",
+                 arguments={"decision-started": "{{tasks.backout.startedAt}}",
+                            "decision-finished": "{{tasks.backout.finishedAt}}"})
+            Task(name="end-backout", template=end_backout, depends="backout.Succeeded",
+                 when=f"{chosen} != 'rollback'")
+            # After the switch (or an abort), once follow has let go, verify-prepare has
+            # stopped (cleanup drops the tracking it reads) and any back-out window ended.
             Task(name="cleanup", template=cleanup,
                  depends=f"finish.Succeeded && (cutover.Succeeded || cutover.Skipped) && follow.Succeeded"
-                 f" && ({_done('verify-prepare')})")
+                 f" && ({_done('verify-prepare')}) && ({_done('backout-verify-prepare')})"
+                 " && (backout.Skipped || backout.Omitted || end-backout.Succeeded || rollback.Succeeded)")
 
         # `argo terminate` skips the exit handler: this entrypoint does its work for
         # a terminated run (`db-upgrade recover NAME`, or argo submit --from

@@ -100,7 +100,6 @@ def check(s: StepSettings, report=None) -> list[str]:
     finding goes to `report` (steps.preflight.Report) or the log."""
     from steps.engines.native import preflight as native_preflight
 
-    name = names(s)
     findings = [plan.judge_engine(s.engine)]
     with connect(s.source(), "source", purpose="preflight") as src, \
             connect(s.target(), "target", purpose="preflight") as tgt:
@@ -169,6 +168,9 @@ def prepare(s: StepSettings) -> float:
     entry = _switch_back_entry(s)  # before anything changes: the include file may be unreadable
     try:
         with connect(s.source(), "source", purpose="backout") as src:
+            if src.execute(q.SUBSCRIPTION_EXISTS, (name,)).fetchone():  # an earlier attempt's: its slot goes below
+                for stmt in q.drop_subscription(name):
+                    src.execute(stmt)
             src.execute(q.BARRIER_DDL)
         with connect(s.target(), "target", purpose="backout") as tgt:
             with tgt.transaction():
@@ -436,8 +438,12 @@ def rollback(s: StepSettings) -> dict:
     sw.hold()
     try:
         frozen_at = _freeze_new(s)  # restores writes itself if it cannot complete
-    except BaseException:
+    except BaseException as exc:
         sw.release()
+        try:
+            state.record(s, rollback_failed_at=state.now(), rollback_error=str(exc)[:500])
+        except Exception:
+            pass
         raise
     timings: dict[str, float] = {}
     unfrozen_old = False
@@ -744,7 +750,7 @@ def end(s: StepSettings) -> None:
         raise StepError(f"end-backout: {'; '.join(problems)}; run end-backout again once it is reachable")
     if st is not None and st.backout_prepared_at and not st.backout_ended_at:
         state.record(s, backout_ended_at=state.now())
-    log(f"end-backout: nothing of the back-out window is left on either database"
+    log("end-backout: nothing of the back-out window is left on either database"
         + ("; the new database is the primary for good" if st is not None and not st.rolled_back_at else ""))
 
 

@@ -9,7 +9,6 @@ from datetime import datetime, timezone
 
 from steps.pg import pretty_bytes
 
-
 # -- check(): verdicts (facts in, (ok, text) out) ---------------------------------------------------
 
 def judge_engine(engine: str) -> tuple[bool, str]:
@@ -180,7 +179,7 @@ class BackoutStatus:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     d, rest = divmod(seconds, 86400)
     h, rest = divmod(rest, 3600)
     m, s = divmod(rest, 60)

@@ -27,7 +27,7 @@ import psycopg
 from steps import state
 from steps.errors import StepError
 from steps.log import log
-from steps.pg import lsn, pretty_bytes
+from steps.pg import lsn, pretty_bytes, scrub
 from steps.settings import StepSettings
 from steps.verify import plan, rounds, tracking
 from steps.verify import sql as q
@@ -158,7 +158,10 @@ def prepare(s: StepSettings, stop: threading.Event | None = None) -> bool:
 def round(s: StepSettings, stop: threading.Event | None = None) -> RoundResult:  # noqa: A001 (the API's name)
     """One round: re-check, by key, what changed since the last one (the cutover
     runs it in its settle; it waits while reconcile runs one)."""
-    result, _ = rounds.run(s, budget=plan.CHUNK_BYTES, stop=stop)
+    try:
+        result, _ = rounds.run(s, budget=plan.CHUNK_BYTES, stop=stop)
+    except psycopg.Error as exc:
+        raise StepError(f"verify: the round failed: {_first(exc)}") from None
     st = state.try_load(s)
     state.record(s, verify_rounds=((st.verify_rounds if st else None) or 0) + 1, verify_last_round_at=state.now(),
                  verify_last_round=result.as_dict())
@@ -214,6 +217,10 @@ def reconcile(s: StepSettings) -> None:
             last_log = time.monotonic()
         stop.wait(s.poll_interval)
     log(f"verify-prepare: stopping: {why[0] if why else 'stopped'}")
+
+
+def _first(exc: BaseException) -> str:
+    return scrub((str(exc).strip().splitlines() or [type(exc).__name__])[0])
 
 
 def status(s: StepSettings) -> VerifyStatus:

@@ -17,6 +17,7 @@ import psycopg
 from steps import state
 from steps.errors import StepError
 from steps.log import log
+from steps.pg import scrub
 from steps.settings import StepSettings
 from steps.verify import plan, rounds, sql as q, tracking
 from steps.verify.report import TableResult, VerifyReport
@@ -61,10 +62,13 @@ def _present(report: VerifyReport, src) -> list[tuple[str, str, str]]:
 
 def verify(s: StepSettings) -> VerifyReport:
     started = time.monotonic()
-    if s.mode == "rehearsal":
-        report = _rehearsal(s)
-    else:
-        report = _bounded(s) if _prepared(s) else _full(s)
+    try:
+        if s.mode == "rehearsal":
+            report = _rehearsal(s)
+        else:
+            report = _bounded(s) if _prepared(s) else _full(s)
+    except psycopg.Error as exc:
+        raise StepError(f"verify: could not compare: {scrub((str(exc).strip().splitlines() or [''])[0])}") from None
     report.seconds = round(time.monotonic() - started, 3)
     report.ok = not (report.missing_on_target or report.extra_on_target or report.mismatched
                      or report.sequences_behind)

@@ -5,9 +5,10 @@
    transaction (its replication origin at or past the last commit's end).
 2. The decoded keys go into the target's pending table, committed.
 3. Snapshots: T on the target, with every transaction applied up to L visible
-   (an xmin past an xid taken after the apply reached L); S on the source, in
-   which every decoded transaction and everything the slot's exported snapshot
-   saw are visible.
+   (none older than an xid taken after the apply reached L still running, but
+   autovacuum's and ours, which change no application row); S on the source,
+   in which every decoded transaction and everything the slot's exported
+   snapshot saw are visible.
 4. Every pending key visible in T is compared on both sides, by key: md5 of
    the row text (absent on both sides is equal). Pending rows of keys that
    match are deleted, in T's transaction: rows recorded later (not in T) stay.
@@ -41,7 +42,8 @@ from steps.verify import pgoutput, plan, sql as q, tracking
 KEY_BATCH = 2000  # keys per lookup query
 APPLY_WAIT = 5.0  # a round waits this long for the target to apply what it decoded
 SNAPSHOT_WAIT = 60.0
-LOCK_WAIT = "300s"
+LOCK_WAIT = "300s"  # a round waits this long for another one to finish (a baseline chunk may take a while)
+FINAL_LOCK_WAIT = "30s"  # the final check: the settle's round ran moments before
 
 
 @dataclass
@@ -84,8 +86,9 @@ class Txn:
 class Round:
     """The connections and the lock of one round (or of the final verify)."""
 
-    def __init__(self, s: StepSettings, stop: threading.Event | None = None):
+    def __init__(self, s: StepSettings, stop: threading.Event | None = None, lock_wait: str = LOCK_WAIT):
         self.s = s
+        self.lock_wait = lock_wait
         self.stop = stop
         self.slot, self.pub = tracking.names(s)
         self._stack = ExitStack()
@@ -104,11 +107,11 @@ class Round:
     def __enter__(self) -> "Round":
         try:
             self.src, self.tgt = self._open(tracking.source(self.s), tracking.target(self.s))
-            self.tgt.execute(f"SET lock_timeout = '{LOCK_WAIT}'")
+            self.tgt.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(self.lock_wait)))
             try:
                 self.tgt.execute(q.LOCK)
             except psycopg.errors.LockNotAvailable:
-                raise StepError(f"verify: another verify round held the lock for {LOCK_WAIT}") from None
+                raise StepError(f"verify: another verify round held the lock for {self.lock_wait}") from None
             self.tgt.execute("RESET lock_timeout")
             if self.stop is not None:
                 self._stack.enter_context(_cancel_on(self.stop, [self.src, self.tgt]))
@@ -132,8 +135,10 @@ class Round:
             raise error
         return conns
 
-    def __exit__(self, *exc) -> None:
-        self._stack.close()  # closing the target session releases the lock
+    def __exit__(self, *exc):
+        # Closing the target session releases the lock; the exception goes
+        # through, so that a query cancelled by `stop` becomes InterruptedError.
+        return self._stack.__exit__(*exc)
 
     # -- what was prepared --------------------------------------------------------------------------
 
@@ -172,8 +177,11 @@ class Round:
             if have is not None and have[0] == t.target_oid and have[1] >= 2:
                 continue
             oid = oids.get(t.label)
-            if oid is None:
-                continue  # gone from the target: the object comparison names it
+            if oid is None:  # gone from the target: the object comparison names it
+                t.kind, t.why, t.next_bucket = plan.UNTRACKED, "dropped on the target after the preparation", None
+                tracking.save_table(self.tgt, t)
+                notes.append(f"{t.label} is gone from the target")
+                continue
             t.target_oid = oid
             tracking.add_triggers(self.tgt, t, self.stop)
             self._restart_baseline(t)
@@ -206,7 +214,23 @@ class Round:
             time.sleep(0.005)
         return insert
 
+    def slot_free(self) -> None:
+        """Wait until no session decodes the slot: a killed round's server
+        session may still be finishing its decoding; an orphan of ours that
+        does not finish is ended."""
+        deadline = time.monotonic() + 5
+        while True:
+            row = self.src.execute(q.SLOT, (self.slot,)).fetchone()
+            if row is None or row[1] is None:
+                return
+            if time.monotonic() > deadline:
+                self.src.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s "
+                                 "AND application_name LIKE 'db-upgrade%%'", (row[1],))
+                deadline = time.monotonic() + 5
+            time.sleep(0.05)
+
     def decode(self, upto: int, tables: list[plan.Table]) -> list[Txn]:
+        self.slot_free()
         by_name = {t.parts: t for t in tables}
         rels: dict[int, pgoutput.Relation] = {}
         txns: list[Txn] = []
@@ -301,8 +325,9 @@ class Round:
 
     def target_snapshot(self) -> None:
         """Open T: a snapshot in which every transaction the target had
-        committed when this was called is visible (its xmin is past an xid
-        taken now), read-write (matched pending rows are deleted in it)."""
+        committed when this was called is visible (no transaction older than
+        an xid taken now still runs, but autovacuum's and ours), read-write
+        (matched pending rows are deleted in it)."""
         mark = int(self.tgt.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
         deadline = time.monotonic() + SNAPSHOT_WAIT
         while True:
@@ -497,7 +522,7 @@ def run(s: StepSettings, *, final: bool = False, budget: int = 0, stop: threadin
     started = time.monotonic()
     result = RoundResult()
     extra = None
-    with Round(s, stop) as rnd:
+    with Round(s, stop, lock_wait=FINAL_LOCK_WAIT if final else LOCK_WAIT) as rnd:
         rnd.timings["connect"] = time.monotonic() - started
         with rnd.timed("check"):
             meta, tables = rnd.load()
@@ -510,8 +535,9 @@ def run(s: StepSettings, *, final: bool = False, budget: int = 0, stop: threadin
             for note in rnd.repair(tables):
                 log(f"verify: {note}")
         by_label = {t.label: t for t in tables}
-        with rnd.timed("decode"):
+        with rnd.timed("position"):
             upto = rnd.source_position(final)
+        with rnd.timed("decode"):
             txns = rnd.decode(upto, tables)
         with rnd.timed("wait-apply"):
             txns, position, waited = rnd.wait_applied(txns, confirmed, upto, final)

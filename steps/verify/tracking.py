@@ -109,7 +109,10 @@ def install_target(s: StepSettings, tables: list[plan.Table], l0: int, snapshot:
         oids = dict(tgt.execute(q.TABLE_OIDS, ()).fetchall())
         for t in tables:
             t.target_oid = oids.get(t.label)
-            if t.kind != plan.UNTRACKED and t.target_oid is not None:
+            if t.target_oid is None and t.kind != plan.UNTRACKED:
+                t.kind, t.why = plan.UNTRACKED, "missing on the target when the preparation began"
+                t.first_bucket = t.last_bucket = t.next_bucket = None
+            if t.kind != plan.UNTRACKED:
                 add_triggers(tgt, t, stop)
             save_table(tgt, t)
         tgt.execute(psycopg.sql.SQL("INSERT INTO {} (run_id, slot, publication, l0, snapshot) "

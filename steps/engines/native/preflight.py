@@ -58,6 +58,33 @@ TARGET_WORKERS = """SELECT current_setting('max_logical_replication_workers')::i
 ORIGINS = "SELECT count(*)::int FROM pg_replication_origin"
 
 
+# REPLICA IDENTITY FULL tables with a column whose type has no default btree or
+# hash equality operator (json, point, xml, ...): the subscriber finds the row of
+# an UPDATE or DELETE by comparing every column, and stops on the first one
+# ("could not identify an equality operator for type json"), retrying forever.
+# Measured 15 -> 17 (docs/fidelity.md).
+FULL_IDENTITY_WITHOUT_EQUALITY = f"""SELECT format('%%I.%%I', n.nspname, c.relname), a.attname, format_type(a.atttypid, NULL)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE c.relkind = 'r' AND c.relreplident = 'f' AND c.relpersistence = 'p' AND {USER_SCHEMAS}
+  AND NOT EXISTS (SELECT 1 FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod
+                  WHERE am.amname IN ('btree', 'hash') AND oc.opcdefault
+                    AND oc.opcintype IN (a.atttypid, (SELECT typbasetype FROM pg_type WHERE oid = a.atttypid)))
+  AND NOT EXISTS (SELECT 1 FROM pg_type t WHERE t.oid = a.atttypid AND t.typtype IN ('e', 'r', 'm', 'c')
+                  OR t.oid = a.atttypid AND t.typcategory = 'A')
+ORDER BY 1, 2"""
+
+
+def judge_full_identity_equality(rows: list[tuple[str, str, str]]) -> p.Finding:
+    if not rows:
+        return p.fine("every REPLICA IDENTITY FULL table has columns the subscriber can compare")
+    listed = ", ".join(f"{t}.{c} ({ty})" for t, c, ty in rows[:10])
+    return p.problem(f"{len(rows)} column(s) of REPLICA IDENTITY FULL tables have a type without an equality "
+                     f"operator: {listed}; the subscriber cannot find the row of an UPDATE or DELETE there and stops "
+                     "(\"could not identify an equality operator\"): give those tables a primary key or a replica "
+                     "identity index, or change json to jsonb")
+
+
 def owners_settable_sql(target_major: int) -> str:
     """Table owners the apply could not act as. Since PostgreSQL 16 the apply runs
     as each table's owner, so the subscription's owner must be able to SET ROLE to
@@ -213,6 +240,7 @@ def checks(s: StepSettings, src: psycopg.Connection, tgt: psycopg.Connection, r:
     p.check_output_plugin(src, r, PLUGIN)
     src_me = p.role_facts(src)
     r.add(judge_publication(src_me, [(t, o) for t, o in src.execute(NOT_OWNED, ())]))
+    r.add(judge_full_identity_equality(src.execute(FULL_IDENTITY_WITHOUT_EQUALITY, ()).fetchall()))
 
     tv = server_major(tgt)
     tgt_me = p.role_facts(tgt)

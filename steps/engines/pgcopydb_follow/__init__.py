@@ -18,6 +18,7 @@ with wal2json) are in docs/engine-pgcopydb.md; verify names them.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
@@ -32,6 +33,16 @@ ACTIVE_WAIT = 30.0  # follow may still be shutting down after its endpos or a SI
 HEARTBEAT_TABLE = ("db_upgrade", "heartbeat")  # drain.py's; the db_upgrade schema itself is steps/cleanup.py's
 REACHED_RECHECK = 1.0  # seconds a confirmed run state is trusted by reached()
 SILENT_AFTER = 45.0  # steps/follow.py records follow_alive_at every 10 s while the step runs
+
+
+@contextmanager
+def _one_line(what: str):
+    """A database error as the step's one line (connection failures already are)."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StepError(f"{what}: {first}") from None
 
 
 class PgcopydbFollow(Engine):
@@ -58,6 +69,10 @@ class PgcopydbFollow(Engine):
 
     # -- wait-caught-up, the cutover: databases only, no work volume ---------
     def lag(self) -> int | None:
+        with _one_line("cannot read the lag"):
+            return self._lag()
+
+    def _lag(self) -> int | None:
         s = self.s
         with connect(s.source(), "source", purpose="lag") as src:
             if not state.load_from(src, s.run_id).copy_done_at:
@@ -74,6 +89,10 @@ class PgcopydbFollow(Engine):
         behind transactions committed with synchronous_commit=off, whose rows
         would then be lost (measured: 12 to 32 rows in 3 of 7 runs under writes).
         Recorded in the run state; the follow step's drain gives it to pgcopydb."""
+        with _one_line("finish: cannot set the end position on the source"):
+            return self._set_end(since)
+
+    def _set_end(self, since: float | None) -> str:
         s = self.s
         with connect(s.source(), "source", purpose="finish") as src:
             st = state.load_from(src, s.run_id)
@@ -104,6 +123,10 @@ class PgcopydbFollow(Engine):
         LSN in the same target transaction, so every transaction committed before
         `end` is flushed on the target then. Only for this copy's end, once the copy
         is done: during the copy the origin already sits at the copy's snapshot."""
+        with _one_line("cannot tell whether the target reached the end position"):
+            return self._reached(end)
+
+    def _reached(self, end: str) -> bool:
         s = self.s
         with connect(s.target(), "target", purpose="drain") as tgt:
             if origin_progress(tgt, s.slot_name, flush=True) < lsn(end):

@@ -215,6 +215,7 @@ class Heartbeat:
     def __init__(self, s: StepSettings):
         self.s = s
         self.pad = 0
+        self.started = 0.0
         self.error: str | None = None
         self._stop = threading.Event()
         self._settle = threading.Event()
@@ -222,6 +223,7 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
 
     def start(self) -> "Heartbeat":
+        self.started = time.monotonic()
         self._thread.start()
         return self
 
@@ -293,6 +295,7 @@ def drain(s: StepSettings, sid: int, finished: threading.Event) -> None:
     reader = RunStateReader(s)
     beat: Heartbeat | None = None
     next_beat_check = 0.0
+    retrying = False
     try:
         while True:
             st = reader.read()
@@ -300,7 +303,10 @@ def drain(s: StepSettings, sid: int, finished: threading.Event) -> None:
             if endpos:
                 break
             if beat is not None and beat.error:
-                log(f"follow: the heartbeat stopped ({beat.error}); starting it again in {HEARTBEAT_RETRY:.0f}s")
+                if not retrying or time.monotonic() - beat.started >= 30:  # once per outage, not every retry
+                    log(f"follow: the heartbeat stopped ({beat.error}); starting it again every "
+                        f"{HEARTBEAT_RETRY:.0f}s until it runs")
+                retrying = True
                 beat.stop()
                 beat = None
                 next_beat_check = time.monotonic() + HEARTBEAT_RETRY
@@ -311,8 +317,9 @@ def drain(s: StepSettings, sid: int, finished: threading.Event) -> None:
                 next_beat_check = time.monotonic() + HEARTBEAT_CHECK
                 if heartbeat_ready(s):
                     beat = Heartbeat(s).start()
-                    log(f"follow: db_upgrade.heartbeat is updated every {BEAT_INTERVAL * 1000:.0f} ms from now on, "
-                        "so that the target's replication origin (what the lag is read from) keeps moving")
+                    if not retrying:
+                        log(f"follow: db_upgrade.heartbeat is updated every {BEAT_INTERVAL * 1000:.0f} ms from now on, "
+                            "so that the target's replication origin (what the lag is read from) keeps moving")
             if finished.wait(STATE_POLL):
                 return
         reader.close()

@@ -99,8 +99,11 @@ def data_limit_notes(plugin: str, columns: list[tuple[str, str, bool, bool, bool
         out = [p.note("pgcopydb 0.17 with test_decoding, measured: an UPDATE that leaves a TOASTed column unchanged "
                       "writes the text 'unchanged-toast-datum' into it on the target; a text value starting with "
                       "'null' ('null', 'nullable', 'null:1') arrives as NULL (or stops the apply on a NOT NULL "
-                      "column); a text value ending in a single quote loses it. verify blocks such a cutover, so the "
-                      "run cannot finish: the native engine has none of these")]
+                      "column); a text value ending in a single quote loses it, and an UPDATE or DELETE whose key "
+                      "or old row ends in one silently matches nothing; quotes inside jsonb and arrays arrive "
+                      "doubled. Its apply crashes (exit 12) on an unchanged TOASTed jsonb, an enum label with a "
+                      "quote, or 'null' in a NOT NULL column, and a resume replays the same change. verify blocks "
+                      "such a cutover, so the run cannot finish: use engine native (docs/fidelity.md)")]
         at_risk = []
         if toastable:
             at_risk.append(f"TOAST-able: {_columns(toastable)}")
