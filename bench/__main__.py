@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--apply-size", default="1GB")
     ap.add_argument("--apply-rates", default="250,500,1000,1500,2000,3000,4000")
     ap.add_argument("--apply-runs", type=int, default=1)
+    ap.add_argument("--catchup-timeout", type=float, default=900,
+                    help="seconds a run waits for the catch-up before it is recorded as never caught up")
     ap.add_argument("--jobs", default="4,4", help="pgcopydb table,index jobs (the template's default)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 100MB, 1 run, 100 writes/s, delay 0")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
@@ -55,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the servers and templates in --base for next time")
     ap.add_argument("--no-snapshot", action="store_true",
                     help="run the tree as it is now, instead of a copy taken at the start (others edit it)")
+    ap.add_argument("--templates-only", action="store_true",
+                    help="only generate the template databases the plan needs (with --base --keep: for later)")
     ap.add_argument("--report", nargs="+", metavar="FILE", help="print the tables of these results files and exit")
     a = ap.parse_args(argv)
     if a.quick:
@@ -212,7 +216,8 @@ def run(a) -> None:
     pair = servers.start_pair(base)
     log(f"bench: servers in {base} (source :{pair.source.port}, target :{pair.target.port})")
     jobs = tuple(int(x) for x in a.jobs.split(","))
-    ctx = Context(pair=pair, base=base, jobs=jobs, pythonpath=os.environ.get("DB_UPGRADE_BENCH_TREE"))
+    ctx = Context(pair=pair, base=base, jobs=jobs, catchup_timeout=a.catchup_timeout,
+                  pythonpath=os.environ.get("DB_UPGRADE_BENCH_TREE"))
     started = time.time()
 
     def save() -> None:
@@ -223,8 +228,13 @@ def run(a) -> None:
         tmp.replace(out)
 
     try:
+        servers.drop_leftovers(pair, log)
         workload.ensure_app_role(pair.source.uri())
         workload.ensure_app_role(pair.target.uri())
+        if a.templates_only:
+            for key in templates_needed(todo):
+                WORKLOADS[key[0]].ensure_template(pair.source.uri(), key[1], log)
+            todo = []
         for i, (pid, scenario, args) in enumerate(todo, 1):
             for key in templates_needed([(pid, scenario, args)]):
                 if key not in ctx.templates:

@@ -31,6 +31,17 @@ def _span(xs) -> str:
     return f"{min(xs):.2f}-{max(xs):.2f}" if len(xs) > 1 else "-"
 
 
+def other_parts(r: dict) -> float | None:
+    """The cutover's window minus the named parts: state records, the fence lifted,
+    verify's teardown and whatever else the cutover does between them."""
+    t = r.get("timings") or {}
+    parts = [r.get("freeze_s"), t.get("end_position"), t.get("drain"), t.get("sequences"), t.get("verify"),
+             r.get("switch_s")]
+    if r.get("cutover_downtime_s") is None or any(p is None for p in parts):
+        return None
+    return r["cutover_downtime_s"] - sum(parts)
+
+
 def copy_table(runs: list[dict]) -> list[str]:
     rs = [r for r in runs if r.get("scenario") == "copy"]
     if not rs:
@@ -101,9 +112,9 @@ def downtime_table(runs: list[dict]) -> list[str]:
     lines = ["Write-downtime as the application sees it (its first refused write -> its first committed write on "
              "the target) and its parts, seconds, median",
              "| engine | workload | size | writes/s | cutover after catch-up | write-downtime | range | cutover's own "
-             "(freeze -> switched) | freeze | end position + drain | sequences | verify | switch | app reconnect | "
+             "(freeze -> switched) | freeze | end position + drain | sequences | verify | switch | other | app reconnect | "
              "keys re-checked in the window | tables re-read whole | runs (ok/all) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell in sorted(_cells(rs, keys), key=lambda c: (c[2], c[1], c[3], c[4], c[0])):
         every = [r for r in rs if tuple(r[k] for k in keys) == cell]
         group = _ok(every)
@@ -120,9 +131,41 @@ def downtime_table(runs: list[dict]) -> list[str]:
                      f"**{_f(m('app_downtime_s'))}** | {_span([r.get('app_downtime_s') for r in group])} | "
                      f"{_f(m('cutover_downtime_s'))} | {_f(m('freeze_s'), 3)} | {_f(ed, 3)} | "
                      f"{_f(m('timings', 'sequences'), 3)} | {_f(m('timings', 'verify'), 3)} | "
-                     f"{_f(m('switch_s'), 3)} | {_f(m('app_reconnect_s'), 3)} | "
+                     f"{_f(m('switch_s'), 3)} | {_f(median([other_parts(r) for r in group]), 3)} | "
+                     f"{_f(m('app_reconnect_s'), 3)} | "
                      f"{_f(m('verify_keys_rechecked'), 0)} | {', '.join(whole) or '-'} | "
                      f"{len(group)}/{len(every)} |")
+    return lines
+
+
+VERIFY_PARTS = ("decode", "keys", "final", "snapshots", "commit", "connect", "wait-apply", "check")
+
+
+def verify_table(runs: list[dict]) -> list[str]:
+    """Where the window's verify spends its time (steps/verify's own timings), native at 500 writes/s."""
+    rs = _ok([r for r in runs if r.get("scenario") == "cutover" and r.get("verify") and r["rate"] == 500
+              and r["engine"] == "native"])
+    if not rs:
+        return []
+    keys = ("workload", "size", "delay")
+    lines = ["The window's verify, native engine at 500 writes/s: its parts (steps/verify timings), ms, median",
+             "| workload | size | cutover after catch-up | verify | " + " | ".join(VERIFY_PARTS)
+             + " | rest | keys re-checked | rows re-read whole | last round before the freeze, s | runs |",
+             "|" + "---|" * (len(VERIFY_PARTS) + 9)]
+    for cell in sorted(_cells(rs, keys), key=lambda c: (c[1], c[0], c[2])):
+        group = [r for r in rs if tuple(r[k] for k in keys) == cell]
+        ms = {p: median([1000 * (r["verify"].get("timings") or {}).get(p, 0) for r in group]) for p in VERIFY_PARTS}
+        total = median([1000 * (r.get("timings") or {}).get("verify", 0) for r in group])
+        rest = median([1000 * ((r.get("timings") or {}).get("verify", 0)
+                               - sum((r["verify"].get("timings") or {}).get(p, 0) for p in VERIFY_PARTS))
+                       for r in group])
+        whole_rows = median([sum(t.get("source_rows") or 0 for t in r["verify"].get("tables", []) if t.get("how") == "whole")
+                             for r in group])
+        last = median([(r.get("verify_last_round") or {}).get("seconds") for r in group])
+        lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]} s | {_f(total, 0)} | "
+                     + " | ".join(_f(ms[p], 0) for p in VERIFY_PARTS)
+                     + f" | {_f(rest, 0)} | {_f(median([r.get('verify_keys_rechecked') for r in group]), 0)} | "
+                       f"{_f(whole_rows, 0)} | {_f(last)} | {len(group)} |")
     return lines
 
 
@@ -196,7 +239,8 @@ def errors(runs: list[dict]) -> list[str]:
 
 def summarize(runs: list[dict]) -> list[str]:
     out: list[str] = []
-    for part in (done_when(runs), downtime_table(runs), drained_table(runs), before_table(runs), copy_table(runs),
+    for part in (done_when(runs), downtime_table(runs), verify_table(runs), drained_table(runs), before_table(runs),
+                 copy_table(runs),
                  apply_table(runs), memory_table(runs), errors(runs)):
         if part:
             out += ["", *part]

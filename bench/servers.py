@@ -78,3 +78,32 @@ def load_average() -> float:
         return float(open("/proc/loadavg").read().split()[0])
     except (OSError, ValueError, IndexError):
         return -1.0
+
+
+def drop_leftovers(pair: Pair, log) -> None:
+    """What a crashed or killed bench run left on kept servers: its databases (r<tag>),
+    their subscriptions, inactive replication slots. Logged: a leftover after a run
+    that ended normally is a finding, not housekeeping (bench/upgrade.py logs those)."""
+    import psycopg
+    from psycopg import sql
+
+    from bench import data
+
+    for server in (pair.target, pair.source):
+        with psycopg.connect(server.uri(), autocommit=True) as conn:
+            names = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datname ~ '^r[0-9]+$'")]
+        for name in names:
+            with psycopg.connect(data.with_db(server.uri(), name), autocommit=True) as conn:
+                for (sub,) in conn.execute("SELECT subname FROM pg_subscription WHERE subdbid = "
+                                           "(SELECT oid FROM pg_database WHERE datname = current_database())"
+                                           ).fetchall():
+                    ident = sql.Identifier(sub)
+                    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
+                    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
+                    conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(ident))
+            log(f"bench: dropping database {name} left by an earlier run")
+            data.drop_database(server.uri(), name)
+    with psycopg.connect(pair.source.uri(), autocommit=True) as conn:
+        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE NOT active").fetchall():
+            log(f"bench: dropping replication slot {slot} left by an earlier run")
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))

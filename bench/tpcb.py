@@ -18,6 +18,7 @@ against the frozen source's exactly: nothing lost, nothing applied twice.
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import time
@@ -26,6 +27,10 @@ import psycopg
 from psycopg import sql
 
 from local import workload
+
+# A refused write aborts the pipeline; psycopg then logs "error ignored terminating
+# <Pipeline>" for each one, thousands per cutover: the writer counts them itself.
+logging.getLogger("psycopg").setLevel(logging.ERROR)
 
 PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
 # pg_database_size per pgbench scale unit on PostgreSQL 15 (100,000 accounts

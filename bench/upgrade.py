@@ -110,20 +110,39 @@ class Upgrade:
         return time.time() - t0
 
     def kill(self, step: str) -> None:
+        """As a pod dies: the step and everything it started. pgcopydb runs under bwrap
+        in sessions of its own and renames its processes, so the sessions of the
+        step's descendants are found first (before their parent dies), then ended."""
+        from bench.memory import _parents, tree
+
         proc = self.procs.get(step)
-        if proc is not None and proc.poll() is None:
+        if proc is None or proc.poll() is not None:
+            return
+        parents = _parents()
+        sessions = set()
+        for pid in tree(proc.pid, parents):
             try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the step's session: pgcopydb's too, for follow
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
-        workdir = str(self.dir / "work").encode()
-        for pid in filter(str.isdigit, os.listdir("/proc")):  # pgcopydb under bwrap runs in a session of its own
-            try:
-                if workdir in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(int(pid), signal.SIGKILL)
+                sessions.add(os.getsid(pid))
             except OSError:
                 continue
+        for pid in parents:
+            try:
+                if os.getsid(pid) in sessions:
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue
+        proc.wait(timeout=30)
+
+    def stop(self, step: str, timeout: float = 60) -> None:
+        """SIGTERM first, as Kubernetes stops a pod (the step stops pgcopydb itself), then kill."""
+        proc = self.procs.get(step)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(step)
 
     def tail(self, step: str, lines: int = 6) -> str:
         try:
@@ -188,12 +207,15 @@ class Upgrade:
         application role writable on the source and able to log in on the target,
         both databases dropped."""
         for step in list(self.procs):
-            self.kill(step)
+            self.stop(step)
         if self.began:
-            try:
-                self.run("cleanup", timeout=180)
-            except Exception as exc:
-                log(f"bench: cleanup of {self.name}: {exc}")
+            for attempt in (1, 2):
+                try:
+                    self.run("cleanup", timeout=180)
+                    break
+                except Exception as exc:
+                    log(f"bench: cleanup of {self.name} (attempt {attempt}): {exc}")
+                    time.sleep(5)
         role = sql.Identifier(workload.APP_ROLE)
         for uri, stmt in ((self.pair.source.uri(), sql.SQL("ALTER ROLE {} RESET default_transaction_read_only")),
                           (self.pair.target.uri(), sql.SQL("ALTER ROLE {} LOGIN"))):

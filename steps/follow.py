@@ -24,7 +24,9 @@ PULSE_EVERY = 10.0  # follow_alive_at; wait-caught-up gives up on a copy whose f
 def follow(s: StepSettings) -> None:
     engine = engines.get(s)
     st = state.load(s)
-    if st.follow_done_at and st.end_position and engine.reached(st.end_position):
+    # Done, unless the stream stopped at an end a failed cutover set and gave up (then it
+    # must stream on to the next one: the engine drops the stale end).
+    if st.follow_done_at and st.end_position and engine.reached(st.end_position) and engine.stream_problem() is None:
         log("follow: already done (the target has everything up to the end position); nothing to do")
         return
     if s.mode != "rehearsal":

@@ -192,9 +192,15 @@ def _app_can_write(src: str) -> None:
 
 
 def _record(src: str) -> "state.RunState":
-    """The local run's record (run id `local`) in the source database."""
+    """The local run's record in the source database (its run id is the runner's
+    workflow name, local-<time>-<pid>: the one run of this test's database)."""
     with psycopg.connect(src) as conn:
-        return state.load_from(conn, "local")
+        try:
+            runs = [r[0] for r in conn.execute("SELECT DISTINCT run_id FROM db_upgrade.run_state")]
+        except psycopg.errors.UndefinedTable:
+            return state.RunState()
+        assert len(runs) <= 1, runs
+        return state.load_from(conn, runs[0]) if runs else state.RunState()
 
 
 def _slots(src: str, slot: str) -> int:

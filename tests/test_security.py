@@ -56,7 +56,19 @@ def files_containing(root: Path, needle: bytes) -> list[str]:
     return hits
 
 
-def test_passwords_never_leave_the_secret(pair, dbs, tmp_path):
+def server_log_hits(pair, needle: str) -> list[str]:
+    hits = []
+    for server in (pair.source, pair.target):
+        try:
+            if needle in server.logfile.read_text(errors="replace"):
+                hits.append(str(server.logfile))
+        except OSError:
+            pass
+    return hits
+
+
+@pytest.mark.parametrize("engine", ["native", "pgcopydb-follow"])
+def test_passwords_never_leave_the_secret(pair, dbs, tmp_path, engine):
     src_db, tgt_db = dbs
     for server in (pair.source, pair.target):
         setup_user(server.uri())
@@ -76,7 +88,8 @@ def test_passwords_never_leave_the_secret(pair, dbs, tmp_path):
     env = step_env(source, target, workdir, DB_UPGRADE_READONLY_SQL=readonly, DB_UPGRADE_UNFREEZE_SQL=unfreeze,
                    DB_UPGRADE_OUTPUTS=outputs, DB_UPGRADE_SLOT_NAME="sec_marker", DB_UPGRADE_POLL_INTERVAL=0.3,
                    DB_UPGRADE_LAG_THRESHOLD_BYTES=256 * 1024, DB_UPGRADE_CATCHUP_TIMEOUT=120,
-                   DB_UPGRADE_TABLE_JOBS=2, DB_UPGRADE_INDEX_JOBS=2)
+                   DB_UPGRADE_TABLE_JOBS=2, DB_UPGRADE_INDEX_JOBS=2, DB_UPGRADE_ENGINE=engine,
+                   DB_UPGRADE_SWITCH="none")
     outs: dict[str, str] = {}
 
     def step(name: str, ok: bool = True) -> subprocess.CompletedProcess:
@@ -94,12 +107,16 @@ def test_passwords_never_leave_the_secret(pair, dbs, tmp_path):
         follow = subprocess.Popen([DB_UPGRADE, "step", "follow"], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
         step("wait-caught-up")
-        step("freeze")
-        step("finish")
+        prepare = subprocess.Popen([DB_UPGRADE, "step", "verify-prepare"], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        step("cutover")
         outs["follow"] = follow.communicate(timeout=180)[0]
         assert follow.returncode == 0, outs["follow"][-3000:]
+        outs["verify-prepare"] = prepare.communicate(timeout=60)[0]
         writer.stop()
-        step("verify")
+        with psycopg.connect(source) as conn:  # the run's record: every value it holds
+            record = " ".join(v for (v,) in conn.execute("SELECT value::text FROM db_upgrade.run_state"))
+        assert record and MARKER not in record
         step("cleanup")
         step("unfreeze")
         # Failures print connection errors: still no password.
@@ -123,7 +140,8 @@ def test_passwords_never_leave_the_secret(pair, dbs, tmp_path):
     for root in (workdir, outputs):
         assert root.exists() and any(root.iterdir())
         assert not files_containing(root, MARKER.encode()), files_containing(root, MARKER.encode())
-    assert (workdir / "db-upgrade-state.json").exists()
+    # Nor the servers' logs (a failed CREATE SUBSCRIPTION would log its CONNECTION there).
+    assert not server_log_hits(pair, MARKER)
     assert not list(tmp_path.rglob("PWNED")) and not Path("PWNED").exists()
     print(f"\nsecurity: {len(outs)} step outputs and {sum(1 for _ in workdir.rglob('*'))} work dir entries "
           f"searched; marker absent")

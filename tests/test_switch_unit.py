@@ -174,7 +174,7 @@ def test_strategy_by_environment(clean_env):
     assert load_switch_settings().switch == "none"
     assert isinstance(get(), NoSwitch)
     clean_env.setenv("DB_UPGRADE_SWITCH", "blue-green")
-    with pytest.raises(StepError, match=r"^DB_UPGRADE_SWITCH: Input should be 'none', 'restart' or 'pgbouncer'$"):
+    with pytest.raises(StepError, match=r"^DB_UPGRADE_SWITCH: Input should be 'none', 'restart', 'pgbouncer' or 'command'$"):
         get()
     clean_env.setenv("DB_UPGRADE_SWITCH", "restart")
     with pytest.raises(StepError, match="DB_UPGRADE_RESTART_NAMESPACE is not set"):

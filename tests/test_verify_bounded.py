@@ -74,10 +74,9 @@ class Rep:
     barrier: int = 0
 
     def source(self, *stmts: str) -> None:
-        with psycopg.connect(self.src, autocommit=True) as c:
-            with c.transaction():
-                for st in stmts:
-                    c.execute(st)
+        with psycopg.connect(self.src, autocommit=True) as c, c.transaction():
+            for st in stmts:
+                c.execute(st)
 
     def target(self, *stmts: str) -> None:
         with psycopg.connect(self.tgt, autocommit=True) as c:
@@ -352,8 +351,9 @@ def test_prepare_is_safe_to_stop_and_run_again(dbs, monkeypatch):
         assert st.without_key[0][0] == 'app."no key"' and st.without_key[0][1] > 0
         r.drained()
         assert verify.verify(r.s).ok
-        verify.teardown(r.s)
+        verify.teardown(r.s)  # as the cutover does, before the switch
         verify.teardown(r.s)  # idempotent
+        assert verify.verify(r.s).method == "full"  # a cutover that gave the writes back: the tracking is gone
         with psycopg.connect(r.tgt) as c:
             assert c.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'db_upgrade_verify%'").fetchone()[0] == 0
             assert c.execute("SELECT to_regclass('db_upgrade.verify_pending')").fetchone()[0] is None
@@ -366,3 +366,19 @@ def test_rehearsal_runs_one_bounded_round_and_counts_with_drift(rep):
     assert report.ok and report.method == "rehearsal" and report.round_seconds is not None
     assert {t.table for t in report.tables} >= {"app.items", "app.scratch"}
     assert "bounded round" in report.notes[0]
+
+
+def test_an_unreachable_source_is_one_line_and_leaves_nothing(pair, dbs, tmp_path):
+    import subprocess
+
+    from tests.conftest import DB_UPGRADE, step_env
+
+    src, tgt = dbs
+    dead = src.replace(f"port={pair.source.port}", "port=1")
+    env = step_env(dead, tgt, tmp_path, DB_UPGRADE_SLOT_NAME="vb_dead")
+    proc = subprocess.run([DB_UPGRADE, "step", "verify-prepare"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "source" in errors[0] and pair.source.password not in proc.stderr, proc.stderr
+    with psycopg.connect(tgt) as c:
+        assert c.execute("SELECT to_regclass('db_upgrade.verify_pending')").fetchone()[0] is None

@@ -86,6 +86,9 @@ def run(ctx: Context, cell: Cell, tag: str) -> dict:
 
             def on_switch() -> None:
                 seen["at"] = time.time()
+                seen["ok"] = writer.stats.ok
+                seen["errors"] = list(writer.stats.errors[:3])
+                writer.stats.errors.clear()  # the writer keeps 20: from here, those after the switch
                 writer.switch_to(target_app)
 
             up.watch_switch(on_switch)
@@ -107,10 +110,17 @@ def run(ctx: Context, cell: Cell, tag: str) -> dict:
             st = up.state()
             t = timings(up)
             out.update(_record(st, t, stats, seen.get("at"), cutover_started, cutover_ended, lags, up))
-            out["writes_per_second"] = round(stats.ok / max(1e-9, writes_to - writes_from), 1)
+            if stats.last_ok_before_refusal and "ok" in seen:
+                out["writes_per_second"] = round(seen["ok"] / max(1e-9, stats.last_ok_before_refusal - writes_from), 1)
+            out["writes"]["errors_on_source"] = seen.get("errors")
+            out["writes"]["ok_on_target"] = stats.ok - seen.get("ok", stats.ok)
+            out["writes"]["seconds"] = round(writes_to - writes_from, 1)
             out["check"] = wl.check(up.src, up.tgt, writer)
             if out["check"] is not None and not out["check"]["ok"]:
                 out["error"] = f"independent check failed: {out['check']['problems']}"
+            if stats.first_ok_on_target_at is None:
+                out["error"] = (f"the application could not write to the target within 30 s of the switch: "
+                                f"{stats.errors[:3]}")
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"[:3000]
     finally:
@@ -158,5 +168,5 @@ def _record(st, t: dict, stats, seen_at, cutover_started, cutover_ended, lags, u
     rec["verify"] = st.verify
     rec["late_writes"] = st.late_writes
     rec["writes"] = {"ok": stats.ok, "refused": stats.refused, "failed_transactions": stats.failed_transactions,
-                     "errors": stats.errors[:3]}
+                     "errors_after_switch": stats.errors[:3]}
     return rec

@@ -35,14 +35,26 @@ from steps.verify.final import verify
 from steps.verify.report import TableResult, VerifyReport, VerifyStatus
 from steps.verify.rounds import RoundResult
 
-__all__ = ["prepare", "reconcile", "round", "status", "verify", "teardown", "drop_tracking",
-           "VerifyReport", "VerifyStatus", "RoundResult", "TableResult"]
+__all__ = [
+    "RoundResult",
+    "TableResult",
+    "VerifyReport",
+    "VerifyStatus",
+    "drop_tracking",
+    "prepare",
+    "reconcile",
+    "round",
+    "status",
+    "teardown",
+    "verify",
+]
 
 THROTTLE_LAG = 16 * 1024 * 1024  # the baseline pauses while the apply is further behind than this
 THROTTLE_MAX = 120.0  # ... for at most this long at a time
 STATE_POLL = 1.0
 LOG_EVERY = 60.0
 MAX_ROUND_FAILURES = 30
+PREPARE_RETRIES = 5
 
 
 def teardown(s: StepSettings) -> None:
@@ -109,11 +121,15 @@ def prepare(s: StepSettings, stop: threading.Event | None = None) -> bool:
     stop = stop or threading.Event()
     started = time.monotonic()
     st = state.load(s)
-    if st.verify_prepared_at and _tracking_exists(s):
+    exists = _tracking_exists(s)
+    if st.verify_prepared_at and exists:
         return True
-    if _tracking_exists(s):
+    if exists:
         log("verify-prepare: resuming the preparation this run began (the change tracking is in place)")
     else:
+        if st.verify_prepared_at:
+            log("verify-prepare: the change tracking of the earlier preparation is gone; preparing again")
+            state.record(s, verify_prepared_at=None)
         teardown(s)  # whatever an earlier, unfinished attempt left
         with tracking.source(s) as src:
             tables = tracking.catalogue(src)
@@ -134,14 +150,23 @@ def prepare(s: StepSettings, stop: threading.Event | None = None) -> bool:
         total = sum(t.bytes for t in tables if t.kind != plan.UNTRACKED)
         log(f"verify-prepare: comparing {len(tables)} table(s) ({pretty_bytes(total)}) once on both sides, in "
             "chunks, each at a point both sides have reached")
+    failures = 0
     while not stop.is_set():
         lag = _throttle(s, stop)
         if stop.is_set():
             break
         try:
             result, _ = rounds.run(s, budget=plan.CHUNK_BYTES, stop=stop)
+            failures = 0
         except InterruptedError:
             break
+        except (StepError, psycopg.Error) as exc:
+            failures += 1
+            if failures >= PREPARE_RETRIES or isinstance(exc, rounds.NotPrepared):
+                raise
+            log(f"verify-prepare: a baseline round failed ({_first(exc)}); retrying")
+            stop.wait(2.0)
+            continue
         if result.baseline:
             log(f"verify-prepare: {result.line()}" + (f"; the target is {pretty_bytes(lag)} behind"
                                                       if lag is not None else ""))
@@ -155,7 +180,7 @@ def prepare(s: StepSettings, stop: threading.Event | None = None) -> bool:
     return False
 
 
-def round(s: StepSettings, stop: threading.Event | None = None) -> RoundResult:  # noqa: A001 (the API's name)
+def round(s: StepSettings, stop: threading.Event | None = None) -> RoundResult:
     """One round: re-check, by key, what changed since the last one (the cutover
     runs it in its settle; it waits while reconcile runs one)."""
     try:
@@ -185,10 +210,14 @@ def reconcile(s: StepSettings) -> None:
     threading.Thread(target=watch, daemon=True).start()
     try:
         prepared = prepare(s, stop)
-    except StepError as exc:
-        state.record(s, verify_prepare_failed_at=state.now(), verify_prepare_error=str(exc)[:500])
+    except (StepError, psycopg.Error) as exc:
+        error = str(exc) if isinstance(exc, StepError) else f"verify-prepare: {_first(exc)}"
         stop.set()
-        raise
+        try:
+            state.record(s, verify_prepare_failed_at=state.now(), verify_prepare_error=error[:500])
+        except (StepError, psycopg.Error):
+            pass  # the source is unreachable: the cutover's wait times out instead
+        raise StepError(error) from None
     if not prepared:
         stop.set()
         log(f"verify-prepare: stopping ({why[0] if why else 'stopped'})")
@@ -236,13 +265,11 @@ def status(s: StepSettings) -> VerifyStatus:
             if meta is None or meta["run_id"] != s.run_id:
                 out.prepared = False
                 with tracking.source(s) as src:
-                    tables = tracking.catalogue(src)
+                    tables = tracking.catalogue(src, geometry=False)
             else:
                 tables = tracking.load_tables(tgt)
-                out.pending_keys = tgt.execute(psycopg.sql.SQL("SELECT count(*) FROM {} WHERE key IS NOT NULL").format(
-                    q.pending_table())).fetchone()[0]
-                marked = {r[0] for r in tgt.execute(psycopg.sql.SQL("SELECT DISTINCT rel FROM {} WHERE key IS NULL")
-                                                    .format(q.pending_table())).fetchall()}
+                out.pending_keys = tgt.execute(q.count_pending_keys()).fetchone()[0]
+                marked = {r[0] for r in tgt.execute(q.marked_tables()).fetchall()}
                 out.whole_at_verify = sorted(t.label for t in tables if t.kind == plan.UNTRACKED or t.label in marked
                                              or not t.baselined)
                 out.baseline_left = sorted(t.label for t in tables if t.kind != plan.UNTRACKED and not t.baselined)

@@ -4,7 +4,11 @@ With the preparation complete, it is the last round at the end of the WAL
 (the source frozen, the target drained), and in the same snapshots: the
 object comparison, the sequences, and the whole tables (no usable key and
 changed, truncated, not decoded, created since, or whose baseline was started
-over). Without it, every table is compared whole, and the log says so.
+over). It changes nothing in the tracking (the keys just decoded are compared
+beside the pending ones, in memory; nothing is deleted, the slot stays where it
+was): the cutover drops the tracking right after it, and a second run compares
+the same again. Without the preparation, every table is compared whole, and
+the log says so.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from steps.errors import StepError
 from steps.log import log
 from steps.pg import scrub
 from steps.settings import StepSettings
-from steps.verify import plan, rounds, sql as q, tracking
+from steps.verify import plan, rounds, tracking
+from steps.verify import sql as q
 from steps.verify.report import TableResult, VerifyReport
 
 SAMPLE_KEYS = 5
@@ -63,10 +68,7 @@ def _present(report: VerifyReport, src) -> list[tuple[str, str, str]]:
 def verify(s: StepSettings) -> VerifyReport:
     started = time.monotonic()
     try:
-        if s.mode == "rehearsal":
-            report = _rehearsal(s)
-        else:
-            report = _bounded(s) if _prepared(s) else _full(s)
+        report = _rehearsal(s) if s.mode == "rehearsal" else _bounded(s)
     except psycopg.Error as exc:
         raise StepError(f"verify: could not compare: {scrub((str(exc).strip().splitlines() or [''])[0])}") from None
     report.seconds = round(time.monotonic() - started, 3)
@@ -89,20 +91,9 @@ def verify(s: StepSettings) -> VerifyReport:
     return report
 
 
-def _prepared(s: StepSettings) -> bool:
-    st = state.load(s)
-    if not st.verify_prepared_at:
-        log("verify: the preparation is not complete" + (" (the operator chose not to wait for it)"
-                                                         if st.verify_skipped_preparation else "")
-            + ": comparing every table whole")
-        return False
-    return True
-
-
 def _bounded(s: StepSettings) -> VerifyReport:
     report = VerifyReport(ok=True, mode=s.mode, method="bounded")
-    log("verify: comparing source and target exactly: the rows changed since the last round, by key; "
-        "objects, sequences, and the tables without a usable key that changed")
+    log("verify: comparing source and target exactly")
 
     def inside(rnd: rounds.Round, tables: list[plan.Table], keys, whole, differ) -> None:
         compare_objects(report, rnd.src, rnd.tgt)
@@ -128,8 +119,6 @@ def _bounded(s: StepSettings) -> VerifyReport:
         for n, r, label, why in whole_list:
             ss, st_ = sums_s[label], sums_t[label]
             report.tables.append(TableResult(label, ss[0], st_[0], ss == st_, "whole"))
-            if ss == st_:
-                rnd.cleared.append(label)
             report.whole_tables.append(label)
             log(f"verify: {label} re-read whole: {why}")
         for n, r, label in present:
@@ -145,7 +134,12 @@ def _bounded(s: StepSettings) -> VerifyReport:
                 report.differing_keys[label] = [list(k) for k in bad[:SAMPLE_KEYS]]
         report.mismatched = [t.table for t in report.tables if not t.match]
 
-    result, _ = rounds.run(s, final=True, inside=inside)
+    try:
+        result, _ = rounds.run(s, final=True, inside=inside, require_prepared=True)
+    except rounds.NotPrepared as exc:
+        skipped = state.load(s).verify_skipped_preparation
+        log(f"{exc}{' (the operator chose not to wait for it)' if skipped else ''}: comparing every table whole")
+        return _full(s)
     log(f"verify: decoded {result.decoded_changes} change(s) since the last round, re-checked "
         f"{report.keys_rechecked} key(s) and {len(report.whole_tables)} whole table(s) at {result.position} ("
         + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items()) + ")")
@@ -197,8 +191,7 @@ def _rehearsal(s: StepSettings) -> VerifyReport:
         present = _present(report, src)
 
         def counts(conn):
-            return {label: conn.execute(psycopg.sql.SQL("SELECT count(*) FROM ONLY {}").format(
-                q.ident((n, r)))).fetchone()[0] for n, r, label in present}
+            return {label: conn.execute(q.count_rows((n, r))).fetchone()[0] for n, r, label in present}
 
         with ThreadPoolExecutor(2) as pool:
             a, b = pool.submit(counts, src), pool.submit(counts, tgt)

@@ -160,7 +160,7 @@ class Snapshot:
     xip: frozenset[int]
 
     @classmethod
-    def parse(cls, text: str) -> "Snapshot":
+    def parse(cls, text: str) -> Snapshot:
         xmin, xmax, xip = text.split(":")
         return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
 
@@ -168,7 +168,7 @@ class Snapshot:
         """Was this (committed) transaction finished when the snapshot was taken?"""
         return xid8 < self.xmax and xid8 not in self.xip
 
-    def covers(self, earlier: "Snapshot") -> bool:
+    def covers(self, earlier: Snapshot) -> bool:
         """Is every transaction visible in `earlier` visible here too? (The slot's
         exported snapshot is built from the WAL: a transaction whose commit is
         in the WAL can still be finishing in the server for a moment.)"""
@@ -197,7 +197,7 @@ class Decoded:
     changes: int = 0
     last_end: int = 0  # the end of the last decoded commit record
 
-    def merge(self, other: "Decoded") -> None:
+    def merge(self, other: Decoded) -> None:
         for label, keys in other.keys.items():
             self.keys.setdefault(label, set()).update(keys)
         self.whole |= other.whole

@@ -132,9 +132,9 @@ def flush_nudge(publication: str) -> sql.Composed:
 
 def peek_changes(slot: str, publication: str) -> tuple[str, dict]:
     """pgoutput messages of the slot up to %(upto)s, without consuming them."""
-    return ("SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_binary_changes("
-            "%(slot)s, %(upto)s::pg_lsn, NULL, 'proto_version', '1', 'publication_names', %(pub)s)",
-            {"slot": slot, "pub": publication})
+    query = ("SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_binary_changes("
+             "%(slot)s, %(upto)s::pg_lsn, NULL, 'proto_version', '1', 'publication_names', %(pub)s)")
+    return query, {"slot": slot, "pub": publication}
 
 
 SLOT = ("SELECT confirmed_flush_lsn::text, active_pid, pg_current_wal_flush_lsn()::text, "
@@ -148,8 +148,10 @@ def target_ddl() -> sql.Composed:
     return sql.SQL("""
 CREATE SCHEMA IF NOT EXISTS {s};
 -- No index and no unique constraint: the apply only appends here (an ON
--- CONFLICT would make it wait on our deletes); rounds delete by ctid.
-CREATE TABLE IF NOT EXISTS {s}.{pending} (rel text NOT NULL, key text[]);
+-- CONFLICT would make it wait on our deletes); rounds delete by ctid, and
+-- each round reads it whole: vacuumed as soon as a few thousand rows are dead.
+CREATE TABLE IF NOT EXISTS {s}.{pending} (rel text NOT NULL, key text[])
+  WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000);
 CREATE TABLE IF NOT EXISTS {s}.{tables} (
   rel text PRIMARY KEY,
   nspname text NOT NULL,
@@ -308,16 +310,21 @@ UNLOCK = "SELECT pg_advisory_unlock(hashtext('db_upgrade'), hashtext('verify'))"
 
 # --- comparing ------------------------------------------------------------------------------------
 
-def _md5_halves(expr: str) -> str:
-    """Two 64-bit halves of each row's md5, summed: an order-independent
-    128-bit checksum where no duplicate row cancels out (unlike XOR)."""
-    return (f"coalesce(sum(('x' || substr({expr}, 1, 16))::bit(64)::bigint::numeric), 0)::text, "
-            f"coalesce(sum(('x' || substr({expr}, 17, 16))::bit(64)::bigint::numeric), 0)::text")
+def _sums(expr: str) -> str:
+    """An order-independent 128-bit checksum of rows' text: two sums of
+    hashtextextended (PostgreSQL's hash of the text's bytes, seeds 0 and 1;
+    the same on 15 and 17, as hash partitioning needs it to be across
+    versions), three times cheaper than md5 of each row. It hashes the row's
+    text, so two values that print differently differ (unlike
+    hash_record_extended: numeric 1.0 and 1.00 hash the same). A sum, not an
+    XOR: a duplicated row does not cancel out."""
+    return (f"coalesce(sum(hashtextextended({expr}, 0)), 0)::text, "
+            f"coalesce(sum(hashtextextended({expr}, 1)), 0)::text")
 
 
 def whole_sums(label: tuple[str, str]) -> sql.Composed:
-    """count, and the 128-bit checksum of md5(row text), of a whole table."""
-    return sql.SQL("SELECT count(*), " + _md5_halves("h") + " FROM (SELECT md5(t::text) AS h FROM ONLY {} AS t) AS r"
+    """count, and the 128-bit checksum of the row text, of a whole table."""
+    return sql.SQL("SELECT count(*), " + _sums("x") + ' FROM (SELECT t::text COLLATE "C" AS x FROM ONLY {} AS t) AS r'
                    ).format(ident(label))
 
 
@@ -343,11 +350,11 @@ def key_text(cols: list[str], row: str = "t") -> sql.Composed:
 
 def bucket_expr(kind: str, cols: list[str], width: int) -> sql.Composed:
     """The bucket of a row: floor(k / width) for an integer leading key column,
-    else one of `width` buckets by the md5 of the key's text (the same on both
+    else one of `width` buckets by a hash of the key's text (the same on both
     servers: the sessions print values the same way)."""
     if kind == "range":
         return sql.SQL("floor(t.{}::numeric / {})::bigint").format(sql.Identifier(cols[0]), sql.Literal(width))
-    return sql.SQL("(('x' || substr(md5({}::text), 1, 8))::bit(32)::bigint % {})").format(
+    return sql.SQL("((hashtextextended({}::text COLLATE \"C\", 2) & 9223372036854775807) % {})").format(
         key_text(cols), sql.Literal(width))
 
 
@@ -364,7 +371,7 @@ def range_filter(col: str, width: int, lo: int | None, hi: int | None) -> sql.Co
 def bucket_sums(label: tuple[str, str], kind: str, cols: list[str], width: int,
                 where: sql.Composable) -> sql.Composed:
     """(bucket, count, checksum) of the rows matching `where`."""
-    return sql.SQL("SELECT b, count(*), " + _md5_halves("h") + " FROM (SELECT {b} AS b, md5(t::text) AS h "
+    return sql.SQL("SELECT b, count(*), " + _sums("x") + ' FROM (SELECT {b} AS b, t::text COLLATE "C" AS x '
                    "FROM ONLY {table} AS t WHERE {where}) AS r GROUP BY b").format(
         b=bucket_expr(kind, cols, width), table=ident(label), where=where)
 
@@ -409,11 +416,33 @@ SELECT n.nspname, c.relname, format('%%I.%%I', n.nspname, c.relname), pg_table_s
 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' AND {USER_SCHEMAS} ORDER BY 1, 2
 """
 
-# Sessions holding an xid that never change the application's rows: autovacuum
+# Transactions holding an xid that never change this database's application
+# rows: another database's (a snapshot spans the cluster), autovacuum's
 # (ANALYZE writes only statistics) and our own (db-upgrade-*). The target
 # snapshot of a round need not wait for them.
 HARMLESS_XIDS = """
 SELECT backend_xid::text FROM pg_stat_activity WHERE backend_xid IS NOT NULL
-  AND (backend_type = 'autovacuum worker' OR (backend_type = 'client backend'
-       AND coalesce(application_name, '') LIKE 'db-upgrade%%' AND application_name <> 'db-upgrade-heartbeat'))
+  AND (datid IS DISTINCT FROM (SELECT oid FROM pg_database WHERE datname = current_database())
+       OR backend_type = 'autovacuum worker'
+       OR (backend_type = 'client backend' AND coalesce(application_name, '') LIKE 'db-upgrade%%'
+           AND application_name <> 'db-upgrade-heartbeat'))
+UNION ALL
+SELECT transaction::text FROM pg_prepared_xacts WHERE database <> current_database()
 """
+# Who holds the target snapshot up (for the log when it waits long).
+XID_HOLDERS = ("SELECT pid, coalesce(application_name, ''), backend_type, "
+               "round(extract(epoch FROM clock_timestamp() - xact_start))::int FROM pg_stat_activity "
+               "WHERE backend_xid IS NOT NULL AND datname = current_database() AND pid <> pg_backend_pid()")
+
+
+def count_pending_keys() -> sql.Composed:
+    return sql.SQL("SELECT count(*) FROM {} WHERE key IS NOT NULL").format(pending_table())
+
+
+def marked_tables() -> sql.Composed:
+    """Tables with a "changed as a whole" marker."""
+    return sql.SQL("SELECT DISTINCT rel FROM {} WHERE key IS NULL").format(pending_table())
+
+
+def count_rows(label: tuple[str, str]) -> sql.Composed:
+    return sql.SQL("SELECT count(*) FROM ONLY {}").format(ident(label))

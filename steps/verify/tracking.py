@@ -9,14 +9,17 @@ triggers recording the key of every row the apply changes.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
+from psycopg import sql
 
 from steps.errors import StepError
 from steps.log import log
-from steps.pg import connect, lsn, read_write_options, scrub
+from steps.pg import connect, fmt_lsn, lsn, read_write_options, scrub
 from steps.settings import StepSettings
-from steps.verify import plan, sql as q
+from steps.verify import plan
+from steps.verify import sql as q
 
 LOCK_TIMEOUT = "2s"
 LOCK_ATTEMPTS = 30
@@ -42,14 +45,15 @@ def target(s: StepSettings, autocommit: bool = True):
 
 # --- the catalogue ---------------------------------------------------------------------------------
 
-def catalogue(src: psycopg.Connection) -> list[plan.Table]:
-    """Every leaf table, classified (plan.classify), with its bucket geometry."""
+def catalogue(src: psycopg.Connection, geometry: bool = True) -> list[plan.Table]:
+    """Every leaf table, classified (plan.classify), with its bucket geometry
+    (the key's range: one index lookup per table) unless told not to."""
     tables = []
     for (nsp, rel, label, persistence, replident, rnsp, rrel, pages, size, cols, types, oids,
          primary) in src.execute(q.CATALOGUE, ()).fetchall():
         t = plan.classify(nsp, rel, label, persistence, replident, (rnsp, rrel), pages, size, cols, types, oids,
                           primary)
-        if t.kind == plan.KEYED and t.bucket_kind == "range":
+        if geometry and t.kind == plan.KEYED and t.bucket_kind == "range":
             lo, hi = src.execute(q.key_range(t.parts, t.key_cols[0])).fetchone()
             plan.geometry(t, pages, lo, hi)
         else:
@@ -91,7 +95,7 @@ def install_source(s: StepSettings, tables: list[plan.Table]) -> tuple[int, str]
         l0, exported = res.get_value(0, 1).decode(), res.get_value(0, 2).decode()
         with source(s, autocommit=False) as src:
             src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            src.execute("SET TRANSACTION SNAPSHOT %s" % psycopg.sql.Literal(exported).as_string(src))
+            src.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(exported)))
             snapshot = src.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
             src.rollback()
     finally:
@@ -104,7 +108,7 @@ def install_target(s: StepSettings, tables: list[plan.Table], l0: int, snapshot:
     slot, pub = names(s)
     with target(s) as tgt:
         tgt.execute(q.target_ddl())
-        tgt.execute(psycopg.sql.SQL("TRUNCATE {}, {}, {}").format(q.pending_table(), q.tables_table(),
+        tgt.execute(sql.SQL("TRUNCATE {}, {}, {}").format(q.pending_table(), q.tables_table(),
                                                                    q.meta_table()))
         oids = dict(tgt.execute(q.TABLE_OIDS, ()).fetchall())
         for t in tables:
@@ -115,9 +119,9 @@ def install_target(s: StepSettings, tables: list[plan.Table], l0: int, snapshot:
             if t.kind != plan.UNTRACKED:
                 add_triggers(tgt, t, stop)
             save_table(tgt, t)
-        tgt.execute(psycopg.sql.SQL("INSERT INTO {} (run_id, slot, publication, l0, snapshot) "
+        tgt.execute(sql.SQL("INSERT INTO {} (run_id, slot, publication, l0, snapshot) "
                                     "VALUES (%s, %s, %s, %s::pg_lsn, %s)").format(q.meta_table()),
-                    (s.run_id, slot, pub, _fmt(l0), snapshot))
+                    (s.run_id, slot, pub, fmt_lsn(l0), snapshot))
 
 
 def add_triggers(tgt: psycopg.Connection, t: plan.Table, stop=None) -> None:
@@ -162,17 +166,17 @@ TABLE_COLUMNS = ("rel", "nspname", "relname", "kind", "why", "key_cols", "key_ty
 def save_table(tgt: psycopg.Connection, t: plan.Table) -> None:
     values = (t.label, t.nspname, t.relname, t.kind, t.why, t.key_cols, t.key_types, t.neutral, t.replident,
               t.bucket_kind, t.width, t.first_bucket, t.last_bucket, t.next_bucket, t.bytes, t.target_oid)
-    cols = psycopg.sql.SQL(", ").join(map(psycopg.sql.Identifier, TABLE_COLUMNS))
-    ph = psycopg.sql.SQL(", ").join(psycopg.sql.Placeholder() * len(TABLE_COLUMNS))
-    upd = psycopg.sql.SQL(", ").join(psycopg.sql.SQL("{0} = EXCLUDED.{0}").format(psycopg.sql.Identifier(c))
+    cols = sql.SQL(", ").join(map(sql.Identifier, TABLE_COLUMNS))
+    ph = sql.SQL(", ").join(sql.Placeholder() * len(TABLE_COLUMNS))
+    upd = sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
                                      for c in TABLE_COLUMNS[1:])
-    tgt.execute(psycopg.sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (rel) DO UPDATE SET {}").format(
+    tgt.execute(sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (rel) DO UPDATE SET {}").format(
         q.tables_table(), cols, ph, upd), values)
 
 
 def load_tables(tgt: psycopg.Connection) -> list[plan.Table]:
-    cols = psycopg.sql.SQL(", ").join(map(psycopg.sql.Identifier, TABLE_COLUMNS))
-    rows = tgt.execute(psycopg.sql.SQL("SELECT {} FROM {} ORDER BY rel").format(cols, q.tables_table())).fetchall()
+    cols = sql.SQL(", ").join(map(sql.Identifier, TABLE_COLUMNS))
+    rows = tgt.execute(sql.SQL("SELECT {} FROM {} ORDER BY rel").format(cols, q.tables_table())).fetchall()
     out = []
     for r in rows:
         d = dict(zip(TABLE_COLUMNS, r))
@@ -183,7 +187,7 @@ def load_tables(tgt: psycopg.Connection) -> list[plan.Table]:
 
 def load_meta(tgt: psycopg.Connection) -> dict | None:
     try:
-        row = tgt.execute(psycopg.sql.SQL("SELECT run_id, slot, publication, l0::text, snapshot FROM {}").format(
+        row = tgt.execute(sql.SQL("SELECT run_id, slot, publication, l0::text, snapshot FROM {}").format(
             q.meta_table())).fetchone()
     except psycopg.errors.UndefinedTable:
         return None
@@ -196,8 +200,17 @@ def load_meta(tgt: psycopg.Connection) -> dict | None:
 
 def teardown(s: StepSettings) -> None:
     """Drop the slot and publication on the source, the triggers, their
-    functions and our tables on the target. Idempotent; each side on its own
-    (an unreachable side is left for cleanup to retry)."""
+    functions and our tables on the target. Idempotent. Both sides at once,
+    each in few round trips: the cutover runs this inside the frozen window
+    (the triggers would make the applications' first writes on the target
+    fail: they may not write our schema). An unreachable side is left for
+    cleanup to retry."""
+    with ThreadPoolExecutor(2) as pool:
+        for f in (pool.submit(_teardown_source, s), pool.submit(_teardown_target, s)):
+            f.result()
+
+
+def _teardown_source(s: StepSettings) -> None:
     slot, pub = names(s)
     try:
         with source(s) as src:
@@ -212,26 +225,32 @@ def teardown(s: StepSettings) -> None:
                     break
                 if time.monotonic() > deadline:  # a round still decoding, or a killed one's backend
                     src.execute("SELECT pg_terminate_backend(%s)", (row[1],))
-                time.sleep(0.2)
+                time.sleep(0.05)
             src.execute(q.drop_publication(pub))
     except (psycopg.Error, StepError) as exc:
         log(f"verify: could not drop the tracking slot {slot!r} ({type(exc).__name__}); cleanup drops it")
+
+
+def _teardown_target(s: StepSettings) -> None:
     try:
         with target(s) as tgt:
-            for parts in tgt.execute(q.TRIGGERED_TABLES).fetchall():
-                remove_triggers(tgt, tuple(parts))
-            for (fn,) in tgt.execute(q.OUR_FUNCTIONS, (q.SCHEMA, q.NOTE_WHOLE)).fetchall():
-                tgt.execute(q.drop_function(fn))
-            for st in q.drop_target_objects():
-                tgt.execute(st)
+            tables = [tuple(r) for r in tgt.execute(q.TRIGGERED_TABLES).fetchall()]
+            functions = [r[0] for r in tgt.execute(q.OUR_FUNCTIONS, (q.SCHEMA, q.NOTE_WHOLE)).fetchall()]
+            stmts = [st for parts in tables for st in q.drop_triggers(parts)]
+            stmts += [q.drop_function(fn) for fn in functions] + q.drop_target_objects()
+            # One transaction, one round trip: on an idle target (the window) the
+            # locks are free; under load each table is retried on its own.
+            try:
+                with tgt.transaction():
+                    tgt.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                    tgt.execute(sql.SQL("; ").join(stmts))
+            except psycopg.errors.LockNotAvailable:
+                for parts in tables:
+                    remove_triggers(tgt, parts)
+                for st in [q.drop_function(fn) for fn in functions] + q.drop_target_objects():
+                    tgt.execute(st)
     except (psycopg.Error, StepError) as exc:
         log(f"verify: could not drop the change tracking on the target ({type(exc).__name__}); cleanup drops it")
-
-
-def _fmt(value: int) -> str:
-    from steps.pg import fmt_lsn
-
-    return fmt_lsn(value)
 
 
 def _first(exc: BaseException) -> str:
