@@ -464,15 +464,7 @@ def parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    mnt, s = divmod(rest, 60)
-    if h:
-        return f"{h}h{mnt:02d}m{s:02d}s"
-    if mnt:
-        return f"{mnt}m{s:02d}s"
-    return f"{s}s"
+from steps.log import duration as format_duration  # noqa: E402  (one way to print a duration)
 
 
 def node_timing(node: dict, now: datetime | None = None) -> tuple[str, str, str]:

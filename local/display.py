@@ -29,10 +29,7 @@ _PGCOPYDB_LINE = re.compile(r"^(?:\d{4}-\d\d-\d\d )?\d\d:\d\d:\d\d\.\d+ +\d+ +(\
 STATE_EVERY = 10.0  # seconds between reads of the run's record (one small query on the source)
 
 
-def _fmt_elapsed(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+from steps.log import duration as _fmt_elapsed  # noqa: E402
 
 
 def describe_copy(p: copy_progress.Progress) -> str:
@@ -136,7 +133,8 @@ class Display:
             phase += " (initial copy)"
         if r and r.in_exit_handler:
             phase = "exit handler: " + phase
-        lag = r.values.get("tasks.wait-caught-up.outputs.parameters.lag", "-") if r else "-"
+        lag = (r.values.get("tasks.verify-ready.outputs.parameters.lag")
+               or r.values.get("tasks.wait-caught-up.outputs.parameters.lag", "-")) if r else "-"
         return {"phase": phase, "copied": self.progress() or "-", "lag": lag,
                 "elapsed": _fmt_elapsed(time.time() - self.started)}
 
@@ -194,10 +192,15 @@ class Display:
         if self.live is not None:
             self.live.stop()
         try:
-            self.console.print(f"[bold]caught up[/bold]: {lag or 'lag unknown'}")
-            self.console.print("cutover = freeze writes on the source, finish the replay, verify, "
-                               "then restart the applications on the target; abort = stop and clean up, "
-                               "the source stays the primary")
+            self.console.print(f"[bold]caught up[/bold]: {lag or 'lag unknown'}", markup=True, highlight=False)
+            verification = self.runner.values.get("tasks.verify-ready.outputs.parameters.verification") \
+                if self.runner else None
+            for part in (verification or "").split("; "):
+                if part:
+                    self.console.print(part, markup=False, highlight=False)
+            self.console.print("cutover = freeze writes on the source, drain, verify, then switch the applications "
+                               "to the target (one step); abort = stop and clean up, the source stays the primary",
+                               markup=False, highlight=False)
             self.asking = True
             return Prompt.ask("decision", choices=["cutover", "abort"], console=self.console)
         finally:

@@ -82,6 +82,7 @@ for _name, _module, _func, _doc in [
     ("follow", "follow", "follow", "Copy, then stream changes until the end position is reached on the target."),
     ("wait-caught-up", "catchup", "wait_caught_up", "Wait until the copy is done and the lag is under the threshold."),
     ("verify-prepare", "verify", "reconcile", "Prepare the exact comparison and keep it current until the cutover."),
+    ("verify-ready", "verify", "ready", "Wait for the verify preparation; report it and the lag for the approval."),
     ("cutover", "cutover", "cutover", "The frozen window in one step: freeze, drain, verify, switch, downtime."),
     ("freeze", "freeze", "freeze", "Run the readonly SQL on the source and wait for in-flight transactions."),
     ("finish", "finish", "finish", "Set the end position: follow applies everything before it, then exits."),

@@ -71,18 +71,11 @@ def cluster_configured() -> bool:
 
 
 def core_api():
-    """In-cluster configuration, else KUBECONFIG (read now: the library freezes its default at import)."""
-    from kubernetes import client, config
+    from kubernetes import client
 
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        try:
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
-        except (config.ConfigException, OSError) as exc:
-            raise StepError(f"no Kubernetes configuration: not in a cluster, and KUBECONFIG: {exc}") from None
-    return client.CoreV1Api(client.ApiClient(configuration))
+    from steps.kube import api_client
+
+    return client.CoreV1Api(api_client())
 
 
 # -- pure: the list in the ConfigMap ---------------------------------------------------------

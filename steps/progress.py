@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from steps.log import log
+from steps.log import duration, log
 from steps.pg import pretty_bytes
 
 MiB = 1024 * 1024
@@ -81,15 +81,7 @@ class Progress:
         return text + f", about {format_eta(self.eta)} left"
 
 
-def format_eta(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    if h:
-        return f"{h}h{m:02d}m"
-    if m:
-        return f"{m}m{s:02d}s"
-    return f"{s}s"
+format_eta = duration
 
 
 class CopyProgress:

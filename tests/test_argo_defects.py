@@ -144,8 +144,8 @@ def test_the_local_runner_sends_the_exit_handler_what_argo_sends(wt, tmp_path):
 # --- 2. the UI's resume ---------------------------------------------------------------------------
 
 def test_the_ui_resume_works_with_the_real_template(server, rendered):
-    node = server.run_to_approval(rendered, name=WF, values={"tasks.wait-caught-up.outputs.parameters.lag": LAG})
-    assert {p["name"] for p in node["inputs"]["parameters"]} == {"lag", "decision"}
+    node = server.run_to_approval(rendered, name=WF, values={"tasks.verify-ready.outputs.parameters.lag": LAG, "tasks.verify-ready.outputs.parameters.verification": "verification: prepared"})
+    assert {p["name"] for p in node["inputs"]["parameters"]} == {"lag", "verification", "decision"}
     wf = client_for(server).ui_resume(WF, choices={"decision": "cutover"})
     done = ac.find_node(wf, "approve")
     assert done["phase"] == "Succeeded"
@@ -154,14 +154,15 @@ def test_the_ui_resume_works_with_the_real_template(server, rendered):
     assert server.calls("PUT") == [("PUT", wf_path(WF, "set")), ("PUT", wf_path(WF, "resume"))]
     [body] = server.bodies("PUT", wf_path(WF, "set"))
     assert body["nodeFieldSelector"] == f"id={node['id']}"
-    assert json.loads(body["outputParameters"]) == {"lag": LAG, "decision": "cutover"}
+    assert json.loads(body["outputParameters"]) == {"lag": LAG, "verification": "verification: prepared",
+                                                    "decision": "cutover"}
 
 
 def test_the_ui_resume_fails_for_an_input_that_is_not_a_supplied_output(server, rendered):
     broken = copy.deepcopy(rendered)
     approve = next(t for t in broken["spec"]["templates"] if t["name"] == "approve")
     approve["outputs"]["parameters"] = [p for p in approve["outputs"]["parameters"] if p["name"] != "lag"]
-    server.run_to_approval(broken, name=WF, values={"tasks.wait-caught-up.outputs.parameters.lag": LAG})
+    server.run_to_approval(broken, name=WF, values={"tasks.verify-ready.outputs.parameters.lag": LAG, "tasks.verify-ready.outputs.parameters.verification": "verification: prepared"})
     with pytest.raises(ac.ArgoError, match="node is not expecting output parameter 'lag'"):
         client_for(server).ui_resume(WF, choices={"decision": "cutover"})
     # The whole call was refused: nothing set, the node still waits.
@@ -170,7 +171,7 @@ def test_the_ui_resume_fails_for_an_input_that_is_not_a_supplied_output(server, 
 
 
 def test_the_cli_approval_is_accepted_by_the_server_model(cli, server, rendered):
-    server.run_to_approval(rendered, name=WF, values={"tasks.wait-caught-up.outputs.parameters.lag": LAG})
+    server.run_to_approval(rendered, name=WF, values={"tasks.verify-ready.outputs.parameters.lag": LAG, "tasks.verify-ready.outputs.parameters.verification": "verification: prepared"})
     result = cli("approve", WF)
     assert result.exit_code == 0, result.output
     node = server.live_node(NS, WF, "approve")
@@ -190,7 +191,7 @@ def set_only(server, decision: str) -> None:
 
 
 def test_a_second_set_is_refused_and_the_set_value_survives_the_timeout(server, rendered):
-    server.run_to_approval(rendered, name=WF, values={"tasks.wait-caught-up.outputs.parameters.lag": LAG})
+    server.run_to_approval(rendered, name=WF, values={"tasks.verify-ready.outputs.parameters.lag": LAG, "tasks.verify-ready.outputs.parameters.verification": "verification: prepared"})
     set_only(server, "cutover")
     with pytest.raises(ac.ArgoError, match="already set"):
         set_only(server, "abort")
@@ -204,7 +205,7 @@ def test_a_second_set_is_refused_and_the_set_value_survives_the_timeout(server, 
 
 
 def test_approve_again_only_resumes_the_decision_already_set(cli, server, rendered):
-    server.run_to_approval(rendered, name=WF, values={"tasks.wait-caught-up.outputs.parameters.lag": LAG})
+    server.run_to_approval(rendered, name=WF, values={"tasks.verify-ready.outputs.parameters.lag": LAG, "tasks.verify-ready.outputs.parameters.verification": "verification: prepared"})
     set_only(server, "cutover")
     server.requests.clear()
     result = cli("approve", WF)
@@ -219,7 +220,7 @@ def test_approve_again_only_resumes_the_decision_already_set(cli, server, render
     ("abort", "approve", "then submit a new run to cut over"),
 ])
 def test_the_other_decision_is_refused_in_one_line(cli, server, rendered, held, command, advice):
-    server.run_to_approval(rendered, name=WF, values={"tasks.wait-caught-up.outputs.parameters.lag": LAG})
+    server.run_to_approval(rendered, name=WF, values={"tasks.verify-ready.outputs.parameters.lag": LAG, "tasks.verify-ready.outputs.parameters.verification": "verification: prepared"})
     set_only(server, held)
     server.requests.clear()
     line = one_line_error(cli(command, WF))

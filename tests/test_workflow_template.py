@@ -16,7 +16,7 @@ from workflows.upgrade import render
 POD_STEPS = {
     "create-scratch-target", "drop-scratch-target", "preflight", "grant-replication", "follow", "wait-caught-up",
     "verify-prepare", "cutover", "finish", "cleanup", "cleanup-after-failure", "unfreeze-after-failure", "report",
-    "rollback", "end-backout", "backout-verify-prepare",
+    "rollback", "end-backout", "backout-verify-prepare", "verify-ready",
 }
 COMMAND = {"cleanup-after-failure": "cleanup"}
 
@@ -35,10 +35,12 @@ def test_dag_depends_exactly(wt):
         "follow": "grant-replication.Succeeded",
         "wait-caught-up": "grant-replication.Succeeded",
         "verify-prepare": "wait-caught-up.Succeeded",
-        "approve": "wait-caught-up.Succeeded",
-        "cutover": "wait-caught-up.Succeeded && (approve.Succeeded || approve.Skipped)",
+        "verify-ready": "wait-caught-up.Succeeded",
+        "approve": "verify-ready.Succeeded",
+        "cutover": "verify-ready.Succeeded && (approve.Succeeded || approve.Skipped)",
         "finish": "cutover.Succeeded || cutover.Skipped || cutover.Failed || cutover.Errored"
-        " || approve.Failed || approve.Errored || wait-caught-up.Failed || wait-caught-up.Errored",
+        " || approve.Failed || approve.Errored || verify-ready.Failed || verify-ready.Errored"
+        " || wait-caught-up.Failed || wait-caught-up.Errored",
         "backout": "cutover.Succeeded",
         "backout-verify-prepare": "cutover.Succeeded",
         "rollback": "backout.Succeeded",
@@ -97,7 +99,8 @@ def test_every_branch_stops_follow_and_only_a_cutover_freezes(wt):
 def test_manual_cutover_happy_path(wt):
     assert simulate(wt) == {
         "create-scratch-target": "Skipped", "preflight": "Succeeded", "grant-replication": "Succeeded",
-        "follow": "Succeeded", "wait-caught-up": "Succeeded", "verify-prepare": "Succeeded", "approve": "Succeeded",
+        "follow": "Succeeded", "wait-caught-up": "Succeeded", "verify-prepare": "Succeeded",
+        "verify-ready": "Succeeded", "approve": "Succeeded",
         "cutover": "Succeeded", "backout": "Skipped", "backout-verify-prepare": "Skipped", "rollback": "Omitted",
         "end-backout": "Omitted", "finish": "Succeeded", "cleanup": "Succeeded",
     }
@@ -203,10 +206,12 @@ def test_approve_is_a_dropdown_defaulting_to_abort(wt):
     assert all("supplied" in p["valueFrom"] and "default" in p["valueFrom"] for p in outputs.values())
     task = next(t for t in dag_tasks(wt, "upgrade") if t["name"] == "approve")
     assert task["when"] == "'{{workflow.parameters.approval}}' == 'manual'"
+    # The approver sees the lag and where the exact comparison stands, when it is prepared.
     assert task["arguments"]["parameters"] == [
-        {"name": "lag", "value": "{{tasks.wait-caught-up.outputs.parameters.lag}}"}]
-    wait_out = templates(wt)["wait-caught-up"]["outputs"]["parameters"]
-    assert {"name": "lag", "valueFrom": {"path": "/tmp/outputs/lag"}} in wait_out
+        {"name": "lag", "value": "{{tasks.verify-ready.outputs.parameters.lag}}"},
+        {"name": "verification", "value": "{{tasks.verify-ready.outputs.parameters.verification}}"}]
+    ready_out = {p["name"] for p in templates(wt)["verify-ready"]["outputs"]["parameters"]}
+    assert ready_out == {"lag", "verification"}
 
 
 def test_the_cutover_knows_when_the_approval_ran_and_its_timeout(wt):

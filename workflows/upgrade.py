@@ -390,11 +390,19 @@ def build(cfg: Config) -> WorkflowTemplate:
         wait = b.step("wait-caught-up", deadline=t.catch_up_seconds, outputs=[_out("lag"), _out("lag-bytes")])
         verify_prepare = b.step("verify-prepare", deadline=t.approval_seconds + t.verify_prepare_seconds + 1800,
                                 resources=cfg.resources.verify_prepare)
+        # Short: it waits for the preparation, then tells the approval where it stands.
+        verify_ready = b.step("verify-ready", deadline=t.verify_prepare_seconds + 900,
+                              env=[Env(name="DB_UPGRADE_SKIP_VERIFY_PREPARATION",
+                                       value="{{workflow.parameters.skip-verify-preparation}}"),
+                                   Env(name="DB_UPGRADE_VERIFY_PREPARE_TIMEOUT", value=str(t.verify_prepare_seconds))],
+                              outputs=[_out("verification", default=""), _out("lag", default="")])
         approve = Suspend(
             name="approve",
             duration=t.approval_seconds,
             inputs=[
-                Parameter(name="lag", description="replication lag when caught up"),
+                Parameter(name="lag", description="replication lag when the verification was ready"),
+                Parameter(name="verification",
+                          description="the exact comparison: prepared, what is unchecked, tables re-read whole"),
                 Parameter(name="decision", default="abort", enum=["cutover", "abort"],
                           description="cutover: freeze writes and switch; abort: stop and clean up"),
             ],
@@ -403,7 +411,7 @@ def build(cfg: Config) -> WorkflowTemplate:
             # (ui/.../workflow-details.tsx getParametersAsJsonString; workflow/util/
             # util.go updateSuspendedNode). Written out (not intermediate_parameters)
             # to get the defaults on timeout.
-            outputs=[_supplied("lag", ""), _supplied("decision", "abort")],
+            outputs=[_supplied("lag", ""), _supplied("verification", ""), _supplied("decision", "abort")],
         )
         cutover = b.step(
             "cutover",
@@ -498,14 +506,17 @@ def build(cfg: Config) -> WorkflowTemplate:
             # Beside the approval: the comparison is prepared and kept current while
             # the approver decides; it ends by itself once the cutover takes over.
             Task(name="verify-prepare", template=verify_prepare, depends="wait-caught-up.Succeeded")
-            # Skipped with approval=auto; a timeout resolves to the default `abort`.
-            Task(name="approve", template=approve, depends="wait-caught-up.Succeeded",
+            Task(name="verify-ready", template=verify_ready, depends="wait-caught-up.Succeeded")
+            # After the preparation (the cutover could not freeze before it anyway), so that the
+            # approver sees it. Skipped with approval=auto; a timeout resolves to `abort`.
+            Task(name="approve", template=approve, depends="verify-ready.Succeeded",
                  when=f"{P_APPROVAL} == 'manual'",
-                 arguments={"lag": "{{tasks.wait-caught-up.outputs.parameters.lag}}"})
+                 arguments={"lag": "{{tasks.verify-ready.outputs.parameters.lag}}",
+                            "verification": "{{tasks.verify-ready.outputs.parameters.verification}}"})
             # One pod for the whole frozen window; in rehearsal it measures the window
             # without freezing anything.
             Task(name="cutover", template=cutover,
-                 depends="wait-caught-up.Succeeded && (approve.Succeeded || approve.Skipped)",
+                 depends="verify-ready.Succeeded && (approve.Succeeded || approve.Skipped)",
                  when=CUTOVER,
                  arguments={"approval-started": "{{tasks.approve.startedAt}}",
                             "approval-finished": "{{tasks.approve.finishedAt}}"})
@@ -513,7 +524,8 @@ def build(cfg: Config) -> WorkflowTemplate:
             # (cutover Skipped), a failed cutover, or a failed approval or catch-up
             # (cutover is then Omitted, which no result matches: named directly).
             Task(name="finish", template=finish,
-                 depends=f"{_any_end('cutover')} || {_failed('approve')} || {_failed('wait-caught-up')}")
+                 depends=f"{_any_end('cutover')} || {_failed('approve')} || {_failed('verify-ready')}"
+                 f" || {_failed('wait-caught-up')}")
             # After the switch (or an abort), and once follow has let go.
             # The back-out window, when the cutover opened one.
             opened = "'{{tasks.cutover.outputs.parameters.backout}}' == 'open'"

@@ -3,6 +3,8 @@ the switch back's destination, the rollback's report. No database here."""
 
 from __future__ import annotations
 
+from steps.log import duration
+
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -158,7 +160,7 @@ class BackoutStatus:
         if self.phase in ("off", "ended", "rolled back"):
             return [f"back-out: {self.phase}"]
         out = [f"back-out: {self.phase}"
-               + (f", {_duration(self.time_left_seconds)} left (until "
+               + (f", {duration(self.time_left_seconds)} left (until "
                   f"{datetime.fromtimestamp(self.deadline_at, tz=timezone.utc):%Y-%m-%d %H:%M:%S} UTC, then end)"
                   if self.deadline_at is not None and self.time_left_seconds is not None else "")]
         if self.lag_bytes is not None:
@@ -176,18 +178,6 @@ class BackoutStatus:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    d, rest = divmod(seconds, 86400)
-    h, rest = divmod(rest, 3600)
-    m, s = divmod(rest, 60)
-    if d:
-        return f"{d}d{h:02d}h{m:02d}m"
-    if h:
-        return f"{h}h{m:02d}m"
-    return f"{m}m{s:02d}s"
 
 
 # -- the rollback's report -------------------------------------------------------------------------------

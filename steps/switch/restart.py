@@ -7,7 +7,6 @@ permission stops the step before half of the applications have restarted.
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,19 +66,11 @@ def load_restart_settings(**overrides) -> RestartSettings:
 
 
 def _apps_api():
-    """In-cluster configuration, else KUBECONFIG (or ~/.kube/config)."""
-    from kubernetes import client, config
+    from kubernetes import client
 
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        try:
-            # Read KUBECONFIG now: the library's default is frozen at import time.
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
-        except (config.ConfigException, OSError) as exc:
-            raise StepError(f"no Kubernetes configuration: not in a cluster, and KUBECONFIG: {exc}") from None
-    return client.AppsV1Api(client.ApiClient(configuration))
+    from steps.kube import api_client
+
+    return client.AppsV1Api(api_client())
 
 
 def _call(verb: str, namespace: str, name: str | None, fn, *args, **kwargs):

@@ -42,6 +42,7 @@ __all__ = [
     "VerifyStatus",
     "drop_tracking",
     "prepare",
+    "ready",
     "reconcile",
     "round",
     "status",
@@ -246,6 +247,50 @@ def reconcile(s: StepSettings) -> None:
             last_log = time.monotonic()
         stop.wait(s.poll_interval)
     log(f"verify-prepare: stopping: {why[0] if why else 'stopped'}")
+
+
+READY_POLL = 2.0
+
+
+def ready(s: StepSettings) -> VerifyStatus:
+    """The verify-ready step: wait (writes allowed) until verify-prepare has
+    prepared, then say where the comparison stands and how far the target is
+    behind: the approval node shows both (its inputs are fixed when it starts)."""
+    from steps import engines
+    from steps.catchup import lag_line
+
+    deadline = time.monotonic() + s.verify_prepare_timeout
+    said = False
+    while not s.skip_verify_preparation:
+        st = state.load(s)
+        if st.verify_prepared_at:
+            break
+        if st.verify_prepare_failed_at:
+            raise StepError(f"verify-ready: the verify preparation failed ({st.verify_prepare_error}); run "
+                            "verify-prepare again, or submit with skip-verify-preparation=true")
+        if time.monotonic() >= deadline:
+            raise StepError(f"verify-ready: the verify preparation is not complete after "
+                            f"{s.verify_prepare_timeout:.0f}s; submit with skip-verify-preparation=true to cut over "
+                            "without it")
+        if not said:
+            log("verify-ready: waiting for the verify preparation (the approval follows it)")
+            said = True
+        time.sleep(READY_POLL)
+    st_ = status(s)
+    lines = st_.lines()
+    if s.skip_verify_preparation:
+        lines.insert(0, "verification: preparation skipped (skip-verify-preparation=true): the window compares "
+                        "whole tables")
+    for line in lines:
+        log(f"verify-ready: {line}")
+    s.write_output("verification", "; ".join(lines)[:2000])
+    try:
+        lag = engines.get(s).lag()
+    except (StepError, psycopg.Error):
+        lag = None
+    if lag is not None:
+        s.write_output("lag", lag_line(lag, s.lag_threshold_bytes).replace("caught up; ", "now; "))
+    return st_
 
 
 def _first(exc: BaseException) -> str:
