@@ -32,12 +32,11 @@ def _span(xs) -> str:
 
 
 def other_parts(r: dict) -> float | None:
-    """The cutover's window minus the named parts: state records, the fence lifted,
-    verify's teardown and whatever else the cutover does between them."""
+    """The cutover's window minus its timed parts: its state records, the fence lifted,
+    and whatever else the cutover does between them."""
     t = r.get("timings") or {}
-    parts = [r.get("freeze_s"), t.get("end_position"), t.get("drain"), t.get("sequences"), t.get("verify"),
-             r.get("switch_s")]
-    if r.get("cutover_downtime_s") is None or any(p is None for p in parts):
+    parts = [r.get("freeze_s"), r.get("switch_s"), *t.values()]
+    if r.get("cutover_downtime_s") is None or not t or any(p is None for p in parts):
         return None
     return r["cutover_downtime_s"] - sum(parts)
 
@@ -112,9 +111,10 @@ def downtime_table(runs: list[dict]) -> list[str]:
     lines = ["Write-downtime as the application sees it (its first refused write -> its first committed write on "
              "the target) and its parts, seconds, median",
              "| engine | workload | size | writes/s | cutover after catch-up | write-downtime | range | cutover's own "
-             "(freeze -> switched) | freeze | end position + drain | sequences | verify | switch | other | app reconnect | "
+             "(freeze -> switched) | freeze | end position + drain | sequences | verify | verify teardown | switch | other | "
+             "app reconnect | "
              "keys re-checked in the window | tables re-read whole | runs (ok/all) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell in sorted(_cells(rs, keys), key=lambda c: (c[2], c[1], c[3], c[4], c[0])):
         every = [r for r in rs if tuple(r[k] for k in keys) == cell]
         group = _ok(every)
@@ -131,6 +131,7 @@ def downtime_table(runs: list[dict]) -> list[str]:
                      f"**{_f(m('app_downtime_s'))}** | {_span([r.get('app_downtime_s') for r in group])} | "
                      f"{_f(m('cutover_downtime_s'))} | {_f(m('freeze_s'), 3)} | {_f(ed, 3)} | "
                      f"{_f(m('timings', 'sequences'), 3)} | {_f(m('timings', 'verify'), 3)} | "
+                     f"{_f(m('timings', 'verify_teardown'), 3)} | "
                      f"{_f(m('switch_s'), 3)} | {_f(median([other_parts(r) for r in group]), 3)} | "
                      f"{_f(m('app_reconnect_s'), 3)} | "
                      f"{_f(m('verify_keys_rechecked'), 0)} | {', '.join(whole) or '-'} | "

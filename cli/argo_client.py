@@ -221,12 +221,7 @@ class ArgoClient:
         )
 
     def decide(self, name: str, decision: str) -> str:
-        """Answer the approval: set the node's `decision` output, then resume that node.
-
-        Returns "set" or, when the same decision was set before and only its resume had not gone
-        through, "resumed" (a second set would be refused). Another decision already set raises
-        DecisionAlreadySet: left alone, the node would act on it at its timeout.
-        """
+        """Answer the approval: set the node's `decision` output, then resume that node."""
         if decision not in DECISIONS:
             raise ValueError(decision)
         wf = self.get_workflow(name)
@@ -234,13 +229,22 @@ class ArgoClient:
         if not waiting:
             verb = "approve" if decision == "cutover" else "abort"
             raise ArgoError(f"workflow {name} is not waiting for approval ({why}): nothing to {verb}")
-        current = set_output(find_node(wf, APPROVE_NODE), "decision")
+        return self.answer_suspend(name, wf, APPROVE_NODE, decision, "approval")
+
+    def answer_suspend(self, name: str, wf: dict, node_name: str, decision: str, what: str) -> str:
+        """Set a suspended node's `decision` output, then resume that node, as the UI does.
+
+        Returns "set" or, when the same decision was set before and only its resume had not gone
+        through, "resumed" (a second set would be refused: workflow/util/util.go). Another decision
+        already set raises DecisionAlreadySet: left alone, the node would act on it at its timeout.
+        """
+        current = set_output(find_node(wf, node_name), "decision")
         if current is not None and current != decision:
             raise DecisionAlreadySet(name, current, decision)
-        selector = f"displayName={APPROVE_NODE}"
+        selector = f"displayName={node_name}"
         if current is None:
             self._call(
-                f"set the approval decision on {name}",
+                f"set the {what} decision on {name}",
                 self.service.set_workflow,
                 name,
                 m.WorkflowSetRequest(node_field_selector=selector,
@@ -408,17 +412,21 @@ def set_output(node: dict | None, name: str) -> str | None:
     return None
 
 
-def approval_state(wf: dict) -> tuple[bool, str]:
-    """(waiting for approval?, why not) — waiting means the workflow Running and its approve node Running."""
+def suspend_state(wf: dict, node_name: str, not_started: str) -> tuple[bool, str]:
+    """(waiting at that suspend node?, why not): the workflow Running and the node Running."""
     phase = workflow_phase(wf)
-    node = find_node(wf, APPROVE_NODE)
+    node = find_node(wf, node_name)
     if phase != "Running":
         return False, f"workflow is {phase}"
     if node is None:
-        return False, "the approve step has not started yet"
+        return False, not_started
     if node.get("phase") != "Running":
-        return False, f"the approve step is {node.get('phase')}"
+        return False, f"the {node_name} step is {node.get('phase')}"
     return True, ""
+
+
+def approval_state(wf: dict) -> tuple[bool, str]:
+    return suspend_state(wf, APPROVE_NODE, "the approve step has not started yet")
 
 
 def lag(wf: dict) -> str | None:

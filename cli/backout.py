@@ -9,7 +9,6 @@ is resumed; another decision already set cannot be changed (Argo refuses a secon
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -24,22 +23,12 @@ def backout_state(wf: dict) -> tuple[bool, str]:
     """(waiting in the back-out window?, why not): the workflow Running and its backout node Running."""
     from cli import argo_client as ac
 
-    phase = ac.workflow_phase(wf)
-    node = ac.find_node(wf, BACKOUT_NODE)
-    if phase != "Running":
-        return False, f"workflow is {phase}"
-    if node is None:
-        return False, "the cutover has not opened the back-out window"
-    if node.get("phase") != "Running":
-        return False, f"the backout step is {node.get('phase')}"
-    return True, ""
+    return ac.suspend_state(wf, BACKOUT_NODE, "the cutover has not opened the back-out window")
 
 
 def decide(client, name: str, decision: str) -> str:
     """Set `decision` on the backout node and resume it: "set", or "resumed" when the same
     decision had been set before and only its resume had not gone through."""
-    from hera.workflows import models as m
-
     from cli import argo_client as ac
 
     if decision not in DECISIONS:
@@ -49,17 +38,7 @@ def decide(client, name: str, decision: str) -> str:
     if not waiting:
         what = "roll back" if decision == "rollback" else "end"
         raise ac.ArgoError(f"workflow {name} is not in its back-out window ({why}): nothing to {what}")
-    current = ac.set_output(ac.find_node(wf, BACKOUT_NODE), "decision")
-    if current is not None and current != decision:
-        raise ac.DecisionAlreadySet(name, current, decision)
-    selector = f"displayName={BACKOUT_NODE}"
-    if current is None:
-        client._call(f"set the back-out decision on {name}", client.service.set_workflow, name,
-                     m.WorkflowSetRequest(node_field_selector=selector,
-                                          output_parameters=json.dumps({"decision": decision})))
-    client._call(f"resume {name}", client.service.resume_workflow, name,
-                 m.WorkflowResumeRequest(node_field_selector=selector))
-    return "set" if current is None else "resumed"
+    return client.answer_suspend(name, wf, BACKOUT_NODE, decision, "back-out")
 
 
 def _already_set(name: str, current: str, config_path: Path) -> str:

@@ -57,4 +57,4 @@ def cleanup(s: StepSettings) -> None:
     if left:
         raise StepError(f"cleanup: replication slot(s) {', '.join(left)} still on the source: drop them "
                         "(SELECT pg_drop_replication_slot(name)) once nothing streams from them")
-    log(f"cleanup: no replication slot of this run on the source, no replication objects on the target")
+    log("cleanup: no replication slot of this run on the source, no replication objects on the target")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
 
 from steps import engines, fence, freeze, sequences, state
 from steps.errors import StepError
@@ -56,27 +55,13 @@ def _verify():
 
 
 def check_approval(s: StepSettings) -> None:
-    """Argo keeps a supplied output that was set through the suspend's timeout
-    (workflow/controller/operator.go executeSuspend): a `cutover` set whose
-    resume failed would cut over by itself when the approval times out. A
-    decision only counts when the node was resumed before its timeout."""
-    started, finished, timeout = s.approval_started_at, s.approval_finished_at, s.approval_timeout
-    a, b = _parse_time(started), _parse_time(finished)
-    if a is None or b is None or not timeout:
-        return
-    if (b - a) >= timeout - 1:
+    """A decision only counts when the approve node was resumed before its timeout (steps/suspend.py)."""
+    from steps.suspend import decided_by_timeout
+
+    if decided_by_timeout(s.approval_started_at, s.approval_finished_at, s.approval_timeout):
         raise StepError(
-            f"cutover: the approval timed out after {timeout:.0f}s; a decision that was set but never resumed does "
-            "not count, so nothing was frozen. Submit the workflow again to cut over")
-
-
-def _parse_time(value: str | None) -> float | None:
-    if not value or "{{" in value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
+            f"cutover: the approval timed out after {s.approval_timeout:.0f}s; a decision that was set but never "
+            "resumed does not count, so nothing was frozen. Submit the workflow again to cut over")
 
 
 def _wait_prepared(s: StepSettings) -> None:

@@ -103,23 +103,35 @@ def freeze(s: StepSettings, settle_first: bool = True) -> float:
     state.record(s, frozen_at=frozen_at, unfrozen_at=None)
     s.write_output("frozen-at", f"{frozen_at:.3f}")
     log(f"freeze: readonly SQL committed in {time.time() - started:.2f}s; application writes are now refused")
-    deadline = time.monotonic() + s.freeze_timeout
-    with connect(s.source(), "source", purpose="freeze") as conn:
+    open_ = wait_open_transactions(s.source(), "source", frozen_at, s.freeze_timeout, "freeze")
+    if open_:
+        unfreeze(s, reason="freeze timed out")
+        raise StepError(
+            f"freeze: {len(open_)} transaction(s) open since before the freeze still running after "
+            f"{s.freeze_timeout:.0f}s ({describe_open(open_)}); writes were restored. End them or raise "
+            "DB_UPGRADE_FREEZE_TIMEOUT, then retry")
+    return frozen_at
+
+
+def describe_open(rows) -> str:
+    return ", ".join(f"pid {p} user {u!r} open {age}s" for p, u, _a, age in rows[:5])
+
+
+def wait_open_transactions(uri: str, side: str, frozen_at: float, timeout: float, who: str) -> list:
+    """Wait until every application transaction open before `frozen_at` has ended on
+    this side; [] then, else the ones still open at the timeout."""
+    deadline = time.monotonic() + timeout
+    with connect(uri, side, purpose="freeze") as conn:
         while True:
             rows = conn.execute(IN_FLIGHT, (datetime.fromtimestamp(frozen_at, tz=timezone.utc),)).fetchall()
             blocked = time.time() - frozen_at
             if not rows:
-                log(f"freeze: no application transaction from before the freeze is open; writes blocked for "
-                    f"{blocked:.2f}s so far")
-                return frozen_at
+                log(f"{who}: no application transaction from before the freeze is open on the {side}; writes "
+                    f"blocked for {blocked:.2f}s so far")
+                return []
             if time.monotonic() >= deadline:
-                listing = ", ".join(f"pid {p} user {u!r} open {age}s" for p, u, _a, age in rows[:5])
-                unfreeze(s, reason="freeze timed out")
-                raise StepError(
-                    f"freeze: {len(rows)} transaction(s) open since before the freeze still running after "
-                    f"{s.freeze_timeout:.0f}s ({listing}); writes were restored. End them or raise "
-                    "DB_UPGRADE_FREEZE_TIMEOUT, then retry")
-            log(f"freeze: waiting for {len(rows)} transaction(s) open since before the freeze "
+                return rows
+            log(f"{who}: waiting for {len(rows)} transaction(s) open since before the freeze on the {side} "
                 f"(oldest pid {rows[0][0]}, user {rows[0][1]!r}); writes blocked for {blocked:.1f}s")
             time.sleep(0.02)
 

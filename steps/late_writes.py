@@ -46,7 +46,7 @@ def check(s: StepSettings, frozen_at: float) -> dict[str, int]:
         after = snapshot(conn)
     late = changed(before, after)
     if late:
-        log(f"LATE WRITES ON THE OLD DATABASE after the freeze, not on the target: "
+        log("LATE WRITES ON THE OLD DATABASE after the freeze, not on the target: "
             + ", ".join(f"{t} ({n} row changes)" for t, n in list(late.items())[:10])
             + ". Some application still writes to the old database: the readonly SQL does not cover it; "
             "find it and move it, and reconcile those rows by hand")

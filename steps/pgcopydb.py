@@ -173,3 +173,73 @@ def signal_session(sid: int, signum: int) -> None:
             os.killpg(pgid, signum)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+class Session:
+    """pgcopydb running in a session of its own while the step streams its log:
+    SIGTERM and SIGINT to the step are forwarded to every process group of that
+    session (pgcopydb's top-level wait loop may not act on a signal to one pid);
+    the first ERROR line (the cause, not the cascade) and a full disk are noted.
+
+        with Session(argv, env, "follow") as run:
+            for line in run.lines():
+                ...
+        run.rc, run.stopping, run.first_error, run.disk_full
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str], who: str):
+        import threading
+
+        self.argv, self.env, self.who = argv, env, who
+        self.stopping = threading.Event()
+        self.first_error: str | None = None
+        self.disk_full = False
+        self.rc: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self._old: dict = {}
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def __enter__(self) -> "Session":
+        import signal
+
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+
+        def forward(signum, _frame):
+            from steps.log import log
+
+            self.stopping.set()
+            log(f"{self.who}: got {signal.Signals(signum).name}, stopping pgcopydb (every process group of its "
+                "session)")
+            signal_session(self.proc.pid, signal.SIGTERM)
+
+        self._old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def lines(self):
+        import sys
+
+        for line in self.proc.stdout:  # pgcopydb's own log, for the pod log
+            sys.stderr.write(line)
+            if (" ERROR " in line or " FATAL " in line) and self.first_error is None:
+                self.first_error = last_error(line)
+            if "No space left on device" in line or "database or disk is full" in line:  # the latter: SQLite
+                self.disk_full = True
+            yield line
+
+    def stop(self) -> None:
+        import signal
+
+        signal_session(self.proc.pid, signal.SIGTERM)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        try:
+            self.rc = self.proc.wait()
+        finally:
+            for sig, handler in self._old.items():
+                signal.signal(sig, handler)

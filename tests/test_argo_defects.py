@@ -28,7 +28,7 @@ from cli import argo_client as ac
 from local.runner import TimedOut, go_json, go_quote, load_template, workflow_failures
 from steps.report import parse_failures
 from tests.conftest import DB_UPGRADE
-from tests.fakes.argo import NS, FakeArgo, load_environment, write_environment
+from tests.fakes.argo import cli_invoker, served, NS, load_environment, write_environment
 from tests.test_cli_argo import TOKEN, one_line_error, wf_path
 from tests.test_local_run import run_fake
 
@@ -45,10 +45,7 @@ def wt():
 @pytest.fixture
 def server():
     """The fake Argo Server."""
-    f = FakeArgo(token=TOKEN)
-    f.address = f.start()
-    yield f
-    f.stop()
+    yield from served(TOKEN)
 
 
 @pytest.fixture
@@ -67,16 +64,7 @@ def cli(server, env_path, monkeypatch):
     """`db-upgrade ARGS --config ENV` against the fake server; the token never shows."""
     from cli.main import app
 
-    for var in ("ARGO_SERVER", "ARGO_TOKEN", "ARGO_NAMESPACE", "ARGO_SECURE", "ARGO_BASE_HREF"):
-        monkeypatch.delenv(var, raising=False)
-    env = {"ARGO_SERVER": server.address, "ARGO_SECURE": "false", "ARGO_TOKEN": TOKEN}
-
-    def invoke(*args: str):
-        result = CliRunner().invoke(app, [*args, "--config", str(env_path)], env=env, catch_exceptions=False)
-        assert TOKEN not in result.output
-        return result
-
-    return invoke
+    return cli_invoker(app, server, env_path, TOKEN, monkeypatch)
 
 
 def client_for(fake) -> ac.ArgoClient:

@@ -30,24 +30,12 @@ from steps.backout import statements as bq
 from steps.errors import StepError
 from steps.settings import load_settings
 from tests.conftest import DB_UPGRADE, step_env
+from tests.digests import table_digests as digests
 
 pytestmark = pytest.mark.slow
 
 SIZE = 2_000  # customers (orders 4x, events 8x): a copy well under a second
 S = sql.Identifier(workload.SCHEMA)
-
-
-def digests(uri: str) -> dict[str, tuple[int, str]]:
-    """Every application row's text, sorted, hashed: per table, independent of steps.verify."""
-    out = {}
-    with psycopg.connect(uri) as conn:
-        for (table,) in conn.execute(
-                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE c.relkind = 'r' AND n.nspname = %s ORDER BY 1", (workload.SCHEMA,)).fetchall():
-            out[table] = conn.execute(sql.SQL(
-                "SELECT count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM ONLY {} t"
-            ).format(sql.Identifier(workload.SCHEMA, table))).fetchone()
-    return out
 
 
 def sequences(uri: str) -> dict[str, int]:

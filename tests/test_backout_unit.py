@@ -9,13 +9,12 @@ import json
 import pytest
 import typer
 from psycopg import sql
-from typer.testing import CliRunner
 
 from steps.backout import plan
 from steps.backout import statements as q
 from steps.errors import StepError
 from steps.settings import load_settings
-from tests.fakes.argo import NS, FakeArgo, node, status, write_environment
+from tests.fakes.argo import cli_invoker, served, NS, node, status, write_environment
 
 
 def text(composed) -> str:
@@ -181,29 +180,16 @@ WF = "db-upgrade-prod-x7k2q"
 
 @pytest.fixture
 def fake():
-    f = FakeArgo(token=TOKEN)
-    f.address = f.start()
-    yield f
-    f.stop()
+    yield from served(TOKEN)
 
 
 @pytest.fixture
 def run(fake, tmp_path, monkeypatch):
     from cli import backout as cli_backout
 
-    for var in ("ARGO_SERVER", "ARGO_TOKEN", "ARGO_NAMESPACE", "ARGO_SECURE", "ARGO_BASE_HREF"):
-        monkeypatch.delenv(var, raising=False)
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     cli_backout.register(app)
-    env_file = write_environment(tmp_path)
-
-    def invoke(*args: str):
-        result = CliRunner().invoke(app, [*args, "--config", str(env_file)], catch_exceptions=False,
-                                    env={"ARGO_SERVER": fake.address, "ARGO_SECURE": "false", "ARGO_TOKEN": TOKEN})
-        assert TOKEN not in result.output
-        return result
-
-    return invoke
+    return cli_invoker(app, fake, write_environment(tmp_path), TOKEN, monkeypatch)
 
 
 def wf_path(name: str, action: str | None = None) -> str:

@@ -16,7 +16,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from tests.fakes.argo import NS, FakeArgo, assert_valid, load_environment, node, status, write_environment
+from tests.fakes.argo import served, NS, assert_valid, load_environment, node, status, write_environment
 from cli import argo_client as ac
 from cli import argo as cli_argo
 
@@ -36,10 +36,7 @@ def template(env_file) -> dict:
 
 @pytest.fixture
 def fake():
-    f = FakeArgo(token=TOKEN)
-    f.address = f.start()
-    yield f
-    f.stop()
+    yield from served(TOKEN)
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from steps.errors import StepError
 from steps.pg import lsn
 from steps.settings import load_settings
 from tests.conftest import DB_UPGRADE, step_env
+from tests.digests import table_digests
 
 pytestmark = pytest.mark.slow
 
@@ -37,20 +38,6 @@ pytestmark = pytest.mark.slow
 # it in), small enough to load in a few seconds.
 FAULT_SIZE = 60_000
 FOLLOW_STEP = [DB_UPGRADE, "step", "follow"]
-
-
-def table_digests(uri: str) -> dict[str, tuple[int, str]]:
-    """Independent of steps.verify: every row's text, sorted, hashed."""
-    out = {}
-    with psycopg.connect(uri) as conn:
-        tables = conn.execute(
-            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE c.relkind = 'r' AND n.nspname = %s ORDER BY 1", (workload.SCHEMA,)).fetchall()
-        for (table,) in tables:
-            out[table] = conn.execute(sql.SQL(
-                "SELECT count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM ONLY {} t"
-            ).format(sql.Identifier(workload.SCHEMA, table))).fetchone()
-    return out
 
 
 def slot_count(uri: str, slot: str) -> int:

@@ -24,31 +24,12 @@ from steps import cleanup, cutover, engines, finish, freeze, grant, state
 from steps.errors import StepError
 from steps.settings import load_settings
 from tests.conftest import DB_UPGRADE, step_env
+from tests.digests import sequences_not_behind
+from tests.digests import table_digests as digests
 
 pytestmark = pytest.mark.slow
 
 SIZE = 20_000  # customers: ~6 MB, a copy of a second or two
-
-
-def digests(uri: str) -> dict[str, tuple[int, str]]:
-    """Independent of steps.verify: every row's text, sorted, hashed."""
-    out = {}
-    with psycopg.connect(uri) as conn:
-        for (table,) in conn.execute(
-                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE c.relkind = 'r' AND n.nspname = %s ORDER BY 1", (workload.SCHEMA,)).fetchall():
-            out[table] = conn.execute(sql.SQL(
-                "SELECT count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM ONLY {} t"
-            ).format(sql.Identifier(workload.SCHEMA, table))).fetchone()
-    return out
-
-
-def sequences_not_behind(src: str, tgt: str) -> bool:
-    q = ("SELECT schemaname || '.' || sequencename, coalesce(last_value, 0) FROM pg_sequences "
-         "WHERE schemaname = %s")
-    with psycopg.connect(src) as a, psycopg.connect(tgt) as b:
-        sa, sb = dict(a.execute(q, (workload.SCHEMA,)).fetchall()), dict(b.execute(q, (workload.SCHEMA,)).fetchall())
-    return bool(sa) and all(sb.get(k, -1) >= v for k, v in sa.items())
 
 
 def leftovers(src: str, tgt: str) -> dict:
@@ -365,5 +346,36 @@ def test_a_retried_cutover_never_reuses_the_first_attempts_end(pair, dbs, tmp_pa
         assert result["verify"].ok and digests(run.src) == digests(run.tgt)
         assert sequences_not_behind(run.src, run.tgt)
         assert run.wait("follow", 60) == 0
+        cleanup.cleanup(run.s)
+        assert leftovers(run.src, run.tgt)["slots"] == 0
+
+
+def test_a_silent_follow_during_the_copy_stops_wait_caught_up(dbs):
+    """An OOM-killed follow records no failure: its pulse stops, and wait-caught-up gives up
+    instead of polling for hours while the slot holds WAL."""
+    from steps import catchup
+
+    src, tgt = dbs
+    s = load_settings(source_pguri=src, target_pguri=tgt, poll_interval=0.1, catchup_timeout=30)
+    state.record(s, follow_started_at=state.now() - 600, follow_alive_at=state.now() - 300)
+    with pytest.raises(StepError, match="follow step has been silent for .* during the initial copy"):
+        catchup.wait_caught_up(s)
+
+
+def test_a_rehearsal_cutover_predicts_the_window_and_freezes_nothing(pair, dbs, tmp_path):
+    with Run(pair, dbs, tmp_path, DB_UPGRADE_MODE="rehearsal", DB_UPGRADE_APP_ROLES="") as run:
+        run.writing(rate=100)
+        run.start("follow")
+        run.wait_caught_up()
+        run.start("verify-prepare")
+        result = cutover.cutover(run.s)
+        assert run.wait("follow", 60) == 0 and run.wait("verify-prepare", 60) == 0
+        stats = run.writer.stop()
+        run.writer = None
+        assert stats.refused == 0, stats  # the source was never frozen
+        st = state.load(run.s)
+        assert not st.frozen_at and not st.switch_started_at and st.drained_at
+        assert 0 < result["predicted_write_downtime_seconds"] == st.predicted_write_downtime_seconds < 30
+        print(f"predicted write-downtime {result['predicted_write_downtime_seconds']:.2f}s")
         cleanup.cleanup(run.s)
         assert leftovers(run.src, run.tgt)["slots"] == 0

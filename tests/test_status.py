@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer.testing import CliRunner
 
 from cli import status as cli_status
-from tests.fakes.argo import NS, FakeArgo, node, status, write_environment
+from tests.fakes.argo import cli_invoker, served, NS, node, status, write_environment
 
 TOKEN = "tok-MARKER-7d0c2a"  # must never show up in any output
 WF = "db-upgrade-prod-x7k2q"
@@ -29,28 +28,16 @@ def env_file(tmp_path) -> Path:
 
 @pytest.fixture
 def fake():
-    f = FakeArgo(token=TOKEN)
-    f.address = f.start()
-    yield f
-    f.stop()
+    yield from served(TOKEN)
 
 
 @pytest.fixture
 def run(fake, env_file, monkeypatch):
     """`db-upgrade status WF --config ENV` with the argo env pointing at the fake; no token in any output."""
-    for var in ("ARGO_SERVER", "ARGO_TOKEN", "ARGO_NAMESPACE", "ARGO_SECURE", "ARGO_BASE_HREF", "ARGO_INSECURE_SKIP_VERIFY"):
-        monkeypatch.delenv(var, raising=False)
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     cli_status.register(app)
     app.command("unused")(lambda: None)  # two commands: typer then keeps `status` as a sub-command
-
-    def invoke(*args: str):
-        result = CliRunner().invoke(app, [*args, "--config", str(env_file)], catch_exceptions=False,
-                                    env={"ARGO_SERVER": fake.address, "ARGO_SECURE": "false", "ARGO_TOKEN": TOKEN})
-        assert TOKEN not in result.output
-        return result
-
-    return invoke
+    return cli_invoker(app, fake, env_file, TOKEN, monkeypatch)
 
 
 # -- moved from tests/test_cli_argo.py (the times now say UTC; progress is MiB, steps/progress.py) --

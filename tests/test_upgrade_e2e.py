@@ -13,6 +13,7 @@ from local import workload
 from steps import catchup, cleanup, cutover, finish, freeze, grant, preflight, state
 from steps.settings import load_settings
 from tests.conftest import DB_UPGRADE, step_env
+from tests.digests import sequences, table_digests
 
 MIGRATOR = 'mi"grator user'
 MIGRATOR_PASSWORD = "Mig-secret-0"
@@ -29,27 +30,6 @@ def setup_roles(server_uri: str) -> None:
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN SUPERUSER NOREPLICATION PASSWORD {}").format(
                 sql.Identifier(MIGRATOR), sql.Literal(MIGRATOR_PASSWORD)))
     workload.ensure_app_role(server_uri)
-
-
-def table_digests(uri: str) -> dict[str, tuple[int, str]]:
-    """Independent of steps.verify: every row's text, sorted, hashed."""
-    out = {}
-    with psycopg.connect(uri) as conn:
-        tables = conn.execute(
-            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE c.relkind = 'r' AND n.nspname = %s ORDER BY 1, 2", (workload.SCHEMA,)).fetchall()
-        for schema, table in tables:
-            out[table] = conn.execute(sql.SQL(
-                "SELECT count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM ONLY {} t"
-            ).format(sql.Identifier(schema, table))).fetchone()
-    return out
-
-
-def sequences(uri: str) -> dict[str, int]:
-    with psycopg.connect(uri) as conn:
-        return dict(conn.execute(
-            "SELECT schemaname || '.' || sequencename, coalesce(last_value, 0) FROM pg_sequences "
-            "WHERE schemaname = %s", (workload.SCHEMA,)).fetchall())
 
 
 @pytest.mark.slow

@@ -164,23 +164,26 @@ def runs(tasks: dict[str, dict]) -> list[dict[str, str]]:
 
     for n in tasks:
         visit(n)
-    choices = [("Succeeded", "Failed", "Skipped") if tasks[n].get("when") else ("Succeeded", "Failed") for n in order]
+    choices = {n: ("Succeeded", "Failed", "Skipped") if tasks[n].get("when") else ("Succeeded", "Failed")
+               for n in order}
     exprs = {n: tasks[n].get("depends") or " && ".join(f"{d}.Succeeded" for d in sorted(direct_deps(tasks[n])))
              for n in order}
     deps = {n: sorted(direct_deps(tasks[n]) & set(tasks)) for n in order}
-    cache: dict[tuple, bool] = {}
-    seen, out = set(), []
-    for combo in itertools.product(*choices):
-        states: dict[str, str] = {}
-        for n, pick in zip(order, combo):
-            key = (n, *(states[d] for d in deps[n]))
-            if key not in cache:
-                cache[key] = not exprs[n] or evaluate_depends(exprs[n], {d: states[d] for d in deps[n]})
-            states[n] = pick if cache[key] else "Omitted"
-        key = tuple(states[n] for n in order)
-        if key not in seen:
-            seen.add(key)
-            out.append(states)
+    out: list[dict[str, str]] = []
+
+    def expand(i: int, states: dict[str, str]) -> None:
+        # Depth first: an Omitted task has one outcome, so only reachable runs are built.
+        if i == len(order):
+            out.append(dict(states))
+            return
+        n = order[i]
+        runs_ = not exprs[n] or evaluate_depends(exprs[n], {d: states[d] for d in deps[n]})
+        for pick in (choices[n] if runs_ else ("Omitted",)):
+            states[n] = pick
+            expand(i + 1, states)
+        del states[n]
+
+    expand(0, {})
     return out
 
 

@@ -579,21 +579,13 @@ def _freeze_new(s: StepSettings) -> float:
     s.write_output("rollback-frozen-at", f"{frozen_at:.3f}")
     log(f"rollback: readonly SQL committed on the NEW database in {time.time() - started:.2f}s; application writes "
         "are refused there now")
-    deadline = time.monotonic() + s.freeze_timeout
-    with connect(s.target(), "target", purpose="freeze") as conn:
-        while True:
-            rows = conn.execute(freeze.IN_FLIGHT, (datetime.fromtimestamp(frozen_at, tz=timezone.utc),)).fetchall()
-            if not rows:
-                log(f"rollback: no application transaction from before the freeze is open on the new database; "
-                    f"writes blocked for {time.time() - frozen_at:.2f}s so far")
-                return frozen_at
-            if time.monotonic() >= deadline:
-                listing = ", ".join(f"pid {p} user {u!r} open {age}s" for p, u, _a, age in rows[:5])
-                _unfreeze_new(s, "the rollback's freeze timed out")
-                raise StepError(f"rollback: {len(rows)} transaction(s) open on the new database since before the "
-                                f"freeze still running after {s.freeze_timeout:.0f}s ({listing}); writes were "
-                                "restored there. End them or raise DB_UPGRADE_FREEZE_TIMEOUT, then retry")
-            time.sleep(0.02)
+    open_ = freeze.wait_open_transactions(s.target(), "target", frozen_at, s.freeze_timeout, "rollback")
+    if open_:
+        _unfreeze_new(s, "the rollback's freeze timed out")
+        raise StepError(f"rollback: {len(open_)} transaction(s) open on the new database since before the freeze "
+                        f"still running after {s.freeze_timeout:.0f}s ({freeze.describe_open(open_)}); writes were "
+                        "restored there. End them or raise DB_UPGRADE_FREEZE_TIMEOUT, then retry")
+    return frozen_at
 
 
 def _unfreeze_new(s: StepSettings, reason: str) -> None:

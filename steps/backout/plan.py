@@ -110,23 +110,7 @@ def time_left(deadline_at: float | None, now: float | None = None) -> float | No
     return max(0.0, deadline_at - (time.time() if now is None else now))
 
 
-def parse_time(value: str | None) -> float | None:
-    if not value or "{{" in value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def decided_by_timeout(started: str | None, finished: str | None, timeout: float | None) -> bool:
-    """Argo keeps an output set on a suspend node through its timeout
-    (workflow/controller/operator.go executeSuspend): a `rollback` whose resume failed
-    would run by itself at the deadline. Only a node resumed before it counts."""
-    a, b = parse_time(started), parse_time(finished)
-    if a is None or b is None or not timeout:
-        return False
-    return (b - a) >= timeout - 1
+from steps.suspend import decided_by_timeout, parse_time  # noqa: E402,F401  (the rule is shared with the cutover)
 
 
 # -- the switch back ------------------------------------------------------------------------------------

@@ -511,3 +511,36 @@ def load_environment(path: Path) -> tuple:
 
     config = load_config(path)
     return config, upgrade.render(config)
+
+
+# -- running the CLI against a fake -----------------------------------------------------------
+
+ARGO_VARS = ("ARGO_SERVER", "ARGO_TOKEN", "ARGO_NAMESPACE", "ARGO_SECURE", "ARGO_BASE_HREF", "ARGO_INSECURE_SKIP_VERIFY")
+
+
+def served(token: str | None = None):
+    """A started FakeArgo (a generator for pytest fixtures: `yield from served(TOKEN)`)."""
+    f = FakeArgo(token=token)
+    f.address = f.start()
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+def cli_invoker(app, fake: FakeArgo, env_file: Path, token: str, monkeypatch):
+    """`db-upgrade ARGS --config ENV` through `app`, the argo env pointing at the fake (nothing of
+    the developer's own ARGO_* leaks in); asserts that the token never reaches the output."""
+    from typer.testing import CliRunner
+
+    for var in ARGO_VARS:
+        monkeypatch.delenv(var, raising=False)
+    base = {"ARGO_SERVER": fake.address, "ARGO_SECURE": "false", "ARGO_TOKEN": token}
+
+    def invoke(*args: str, env: dict | None = None):
+        result = CliRunner().invoke(app, [*args, "--config", str(env_file)], env={**base, **(env or {})},
+                                    catch_exceptions=False)
+        assert token not in result.output
+        return result
+
+    return invoke

@@ -25,14 +25,11 @@ numerics) all arrive exact this way.
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 
 import psycopg
-from psycopg import sql
 
 from steps import pgcopydb, state
 from steps.engines.base import Engine
@@ -191,29 +188,10 @@ class Native(Engine):
         argv = pgcopydb.locate(workdir).argv(
             "clone", "--dir", str(workdir), "--snapshot", snapshot,
             "--table-jobs", str(s.table_jobs), "--index-jobs", str(s.index_jobs))
-        proc = subprocess.Popen(argv, env=pgcopydb.environment(s), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        stopping = threading.Event()
-
-        def forward(signum, _frame):
-            stopping.set()
-            log(f"follow: got {signal.Signals(signum).name}, stopping pgcopydb")
-            pgcopydb.signal_session(proc.pid, signal.SIGTERM)
-
-        old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-        first_error = None
-        disk_full = False
-        try:
-            for line in proc.stdout:  # pgcopydb's log, for the pod log
-                sys.stderr.write(line)
-                if (" ERROR " in line or " FATAL " in line) and first_error is None:
-                    first_error = pgcopydb.last_error(line)
-                if "No space left on device" in line or "database or disk is full" in line:
-                    disk_full = True
-            rc = proc.wait()
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+        with pgcopydb.Session(argv, pgcopydb.environment(s), "follow") as run:
+            for _line in run.lines():
+                pass
+        rc, stopping, first_error, disk_full = run.rc, run.stopping, run.first_error, run.disk_full
         if rc == 0 and not stopping.is_set():
             return
         why = "stopped by a signal" if stopping.is_set() else f"pgcopydb clone exited {rc}"

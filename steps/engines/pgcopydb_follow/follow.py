@@ -18,8 +18,6 @@ copy_restarts, follow_done_at, follow_failed_at and follow_error.
 import errno
 import re
 import signal
-import subprocess
-import sys
 import threading
 
 import psycopg
@@ -246,17 +244,9 @@ def _run_pgcopydb(s: StepSettings, workdir, resume: bool) -> str:
                      copy_bytes_done=None, copy_bytes_total=None, follow_done_at=None, follow_failed_at=None,
                      follow_error=None)
         copy_done = False
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    stopping = threading.Event()
+    run = pgcopydb.Session(argv, env, "follow").__enter__()
+    proc, stopping = run.proc, run.stopping
     reconnect = threading.Event()
-
-    def forward(signum, _frame):
-        stopping.set()
-        log(f"follow: got {signal.Signals(signum).name}, stopping pgcopydb (every process group of its session)")
-        pgcopydb.signal_session(proc.pid, signal.SIGTERM)
-
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     done = threading.Event()
     copied = threading.Event()
     if copy_done:
@@ -265,16 +255,9 @@ def _run_pgcopydb(s: StepSettings, workdir, resume: bool) -> str:
 
     threading.Thread(target=_watch, args=(s, done, copied), daemon=True, name="copy-progress").start()
     threading.Thread(target=drain, args=(s, proc.pid, done), daemon=True, name="drain").start()
-    last_error = None
-    disk_full = False
     loop = EndposLoop()
     try:
-        for line in proc.stdout:  # pgcopydb's own log, for the pod log
-            sys.stderr.write(line)
-            if (" ERROR " in line or " FATAL " in line) and last_error is None:
-                last_error = pgcopydb.last_error(line)  # the first one: the cause, not the cascade
-            if "No space left on device" in line or "database or disk is full" in line:  # the latter: SQLite
-                disk_full = True
+        for line in run.lines():
             if RECONNECTING in line and not stopping.is_set() and not reconnect.is_set():
                 # pgcopydb 0.17 would reconnect in-process and stream again from the
                 # slot's confirmed position into a live apply that has passed it:
@@ -296,11 +279,10 @@ def _run_pgcopydb(s: StepSettings, workdir, resume: bool) -> str:
                 at = state.now()
                 state.record(s, copy_done_at=at, stream_started_at=at)
                 log("follow: the initial copy is done; pgcopydb applies the changes made since")
-        rc = proc.wait()
     finally:
+        run.__exit__(None, None, None)
         done.set()
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+    rc, last_error, disk_full = run.rc, run.first_error, run.disk_full
     sen = sentinel.read(s)
     if loop.stuck or (loop.reached_endpos and sen is not None and not sen.endpos_reached
                       and lsn(loop.endpos_text) == sen.endpos):
