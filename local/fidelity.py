@@ -25,6 +25,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 
+from local import workload
+
 SCHEMA = "fid"
 # Its own application role: the freeze of this set must not touch local.workload's.
 APP_ROLE = 'fid "app" writer'
@@ -167,17 +169,10 @@ GRANT TRUNCATE ON {schema}.scratch TO {role};
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {role};
 """
 
-# The freeze and its inverse for this set (privileges are checked at every
-# statement, so the REVOKE also stops sessions connected before it).
-READONLY_SQL = """
-REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA {schema} FROM {role};
-ALTER ROLE {role} SET default_transaction_read_only = on;
-"""
-UNFREEZE_SQL = """
-GRANT INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role};
-GRANT TRUNCATE ON {schema}.scratch TO {role};
-ALTER ROLE {role} RESET default_transaction_read_only;
-"""
+# The freeze and its inverse: the sample's (local/workload.py), and the TRUNCATE
+# this set's writer uses on its scratch table back.
+READONLY_SQL = workload.READONLY_SQL
+UNFREEZE_SQL = workload.UNFREEZE_SQL + "GRANT TRUNCATE ON {schema}.scratch TO {role};\n"
 
 
 def _names() -> dict:

@@ -46,3 +46,18 @@ def step_env(source: str, target: str, workdir: Path, **extra: str) -> dict:
     env.update(PGCOPYDB_SOURCE_PGURI=source, PGCOPYDB_TARGET_PGURI=target, DB_UPGRADE_DIR=str(workdir))
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+@pytest.fixture
+def sample(pair, dbs, tmp_path):
+    """The tiny sample on the source, the application role on both servers, and its freeze SQL."""
+    from local import workload
+    from tests.test_faults import reset_app_role
+
+    src, tgt = dbs
+    workload.ensure_app_role(pair.target.uri())
+    workload.ensure_app_role(src)
+    reset_app_role(src)  # another test's freeze may have left the (server-wide) role default
+    workload.load_sample(src, "tiny")
+    readonly, unfreeze = workload.freeze_sql_files(tmp_path / "sql")
+    return src, tgt, readonly, unfreeze

@@ -55,19 +55,6 @@ def one_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     return errors[0]
 
 
-@pytest.fixture
-def sample(pair, dbs, tmp_path):
-    src, tgt = dbs
-    workload.ensure_app_role(pair.target.uri())
-    workload.ensure_app_role(src)
-    from tests.test_faults import reset_app_role
-
-    reset_app_role(src)  # another test's freeze may have left the (server-wide) role default
-    workload.load_sample(src, "tiny")
-    readonly, unfreeze = workload.freeze_sql_files(tmp_path / "sql")
-    return src, tgt, readonly, unfreeze
-
-
 def with_password(uri: str, password: str) -> str:
     return make_conninfo(**{**conninfo_to_dict(uri), "password": password})
 

@@ -113,19 +113,6 @@ def role_on(server_uri: str, name: str, attributes: str, password: str):
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 
-@pytest.fixture
-def sample(pair, dbs, tmp_path):
-    src, tgt = dbs
-    workload.ensure_app_role(pair.target.uri())
-    workload.ensure_app_role(src)
-    from tests.test_faults import reset_app_role
-
-    reset_app_role(src)  # another test's freeze may have left the (server-wide) role default
-    workload.load_sample(src, "tiny")
-    readonly, unfreeze = workload.freeze_sql_files(tmp_path / "sql")
-    return src, tgt, readonly, unfreeze
-
-
 def sample_settings(sample, tmp_path, **kw) -> StepSettings:
     src, tgt, readonly, unfreeze = sample
     return settings(src, tgt, tmp_path, readonly_sql=readonly, unfreeze_sql=unfreeze, app_roles=workload.APP_ROLE, **kw)
