@@ -70,19 +70,25 @@ def read_write_options(uri: str) -> str:
     return f"{given} {extra}".strip()
 
 
-@contextmanager
-def connect(uri: str, role: str, autocommit: bool = True, purpose: str | None = None,
-            **kwargs) -> Iterator[psycopg.Connection]:
+def open_connection(uri: str, role: str, autocommit: bool = True, purpose: str | None = None,
+                    **kwargs) -> psycopg.Connection:
+    """A connection the caller closes (steps.pg.connect closes it for you)."""
     _parse(uri, role)
     kwargs.setdefault("options", read_write_options(uri))
     try:
-        conn = psycopg.connect(
+        return psycopg.connect(
             uri, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT, application_name=application_name(purpose),
             **kwargs
         )
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StepError(f"cannot connect to the {role} database: {scrub(first, uri)}") from None
+
+
+@contextmanager
+def connect(uri: str, role: str, autocommit: bool = True, purpose: str | None = None,
+            **kwargs) -> Iterator[psycopg.Connection]:
+    conn = open_connection(uri, role, autocommit, purpose, **kwargs)
     try:
         yield conn
     finally:

@@ -18,7 +18,10 @@ Our connections are read-write even while the application's writes are frozen
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -128,10 +131,41 @@ def now() -> float:
     return round(time.time(), 3)
 
 
-def _connect(s, purpose: str):
-    from steps.pg import connect
+# One connection per source for the whole process, reused: the cutover records a
+# few keys inside the frozen window, and a new connection costs 10-20 ms each.
+_CACHE: "OrderedDict[str, psycopg.Connection]" = OrderedDict()
+_LOCK = threading.RLock()
+_CACHE_SIZE = 4  # tests touch many databases in one process: never hold many idle connections
 
-    return connect(s.source(), "source", purpose=purpose)
+
+@contextmanager
+def _connect(s, purpose: str):
+    """The process's connection to this source, under a lock (threads share it).
+    A connection that broke is dropped, and the caller retries once (_retrying)."""
+    from steps.pg import open_connection
+
+    uri = s.source()
+    with _LOCK:
+        conn = _CACHE.pop(uri, None)
+        if conn is None or conn.closed or conn.broken:
+            conn = open_connection(uri, "source", purpose=purpose)
+        _CACHE[uri] = conn
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)[1].close()
+        try:
+            yield conn
+        except psycopg.OperationalError:
+            _CACHE.pop(uri, None)
+            conn.close()
+            raise
+
+
+def _retrying(fn):
+    """Run fn once more on a fresh connection if the cached one had died (a server restart)."""
+    try:
+        return fn()
+    except psycopg.OperationalError:
+        return fn()
 
 
 def record(s, **values: Any) -> None:
@@ -144,20 +178,24 @@ def record(s, **values: Any) -> None:
     except ValidationError as exc:
         raise TypeError(f"RunState: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
     rows = [(s.run_id, k, json.dumps(v)) for k, v in values.items()]
-    with _connect(s, "state") as conn:
-        for attempt in range(3):
-            try:
-                with conn.transaction():
-                    conn.cursor().executemany(
-                        f"INSERT INTO {SCHEMA}.{TABLE} (run_id, key, value) VALUES (%s, %s, %s::jsonb) "
-                        "ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value, updated_at = clock_timestamp()",
-                        rows)
-                return
-            except psycopg.errors.UndefinedTable:
-                _create(conn)
-            except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject):
-                continue  # another step created the table at the same moment
-        raise StepError(f"cannot record the run state in {SCHEMA}.{TABLE} on the source")
+
+    def upsert() -> None:
+        with _connect(s, "state") as conn:
+            for attempt in range(3):
+                try:
+                    with conn.transaction():
+                        conn.cursor().executemany(
+                            f"INSERT INTO {SCHEMA}.{TABLE} (run_id, key, value) VALUES (%s, %s, %s::jsonb) "
+                            "ON CONFLICT (run_id, key) DO UPDATE SET value = EXCLUDED.value, "
+                            "updated_at = clock_timestamp()", rows)
+                    return
+                except psycopg.errors.UndefinedTable:
+                    _create(conn)
+                except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateObject):
+                    continue  # another step created the table at the same moment
+            raise StepError(f"cannot record the run state in {SCHEMA}.{TABLE} on the source")
+
+    _retrying(upsert)
 
 
 def _create(conn) -> None:
@@ -170,8 +208,11 @@ def _create(conn) -> None:
 
 def load(s) -> RunState:
     """The run's record; an empty one when nothing was recorded yet."""
-    with _connect(s, "state") as conn:
-        return load_from(conn, s.run_id)
+    def read() -> RunState:
+        with _connect(s, "state") as conn:
+            return load_from(conn, s.run_id)
+
+    return _retrying(read)
 
 
 def load_from(conn, run_id: str) -> RunState:

@@ -36,7 +36,7 @@ from steps.engines.base import Engine
 from steps.engines.native import statements as q
 from steps.errors import StepError
 from steps.log import log
-from steps.pg import connect, lsn, pretty_bytes, scrub
+from steps.pg import connect, lsn, open_connection, pretty_bytes, scrub
 
 WATCH_INTERVAL = 1.0
 LOG_EVERY = 30.0
@@ -48,6 +48,7 @@ BANNER = "follow: RESTARTING THE COPY FROM SCRATCH"
 class Native(Engine):
     name = "native"
     apply_in_target = True
+    _drain_conn = None
 
     @property
     def slot(self) -> str:
@@ -331,11 +332,20 @@ class Native(Engine):
         return end
 
     def reached(self, end: str) -> bool:
-        with connect(self.s.target(), "target", purpose="drain") as tgt:
+        # Polled every few ms by the cutover's drain: one connection for all the polls.
+        for attempt in (1, 2):
+            tgt = self._drain_conn
+            if tgt is None or tgt.closed or tgt.broken:
+                tgt = self._drain_conn = open_connection(self.s.target(), "target", purpose="drain")
             try:
                 return tgt.execute(q.barrier_seen(), (q.barrier_id(end),)).fetchone() is not None
             except psycopg.errors.UndefinedTable:
                 return False
+            except psycopg.OperationalError:
+                tgt.close()
+                if attempt == 2:
+                    raise
+        return False
 
     def cleanup(self) -> None:
         s = self.s
