@@ -144,7 +144,13 @@ def checks(s: StepSettings, src: psycopg.Connection, tgt: psycopg.Connection, r:
     p.check_pgcopydb(s, r)
     check_plugin_installed(src, s.plugin, r)
     p.check_output_plugin(src, r, s.plugin)
+    p.check_output_plugin(src, r, "pgoutput")  # verify's change tracking decodes with pgoutput
     p.check_slots_and_senders(src, r, SLOTS, "pgcopydb's slot and verify's", SENDERS, "pgcopydb's change stream")
+    # verify's change tracking publishes the application's tables: the same privilege as native's.
+    from steps.engines.native import preflight as native_preflight
+
+    r.add(native_preflight.judge_publication(p.role_facts(src),
+                                             [(t_, o) for t_, o in src.execute(native_preflight.NOT_OWNED, ())]))
     p.check_workdir(s, src.execute(p.DATABASE_SIZE).fetchone()[0], r)
     r.add(judge_apply_privileges(*tgt.execute(TARGET_APPLY).fetchone()))
     tables = [p.TableIdentity(*row) for row in src.execute(p.TABLE_IDENTITY,
