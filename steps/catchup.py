@@ -21,6 +21,9 @@ LOG_EVERY = 30.0
 # A copy whose follow step has been silent this long is dead (an OOM kill or a
 # lost node records no failure): stop instead of holding the slot for hours.
 SILENT_FOLLOW = 120.0
+# A failure recorded before this step started may be an earlier attempt's, with a
+# retried follow (argo retry runs both again at once) about to start: wait this long for it.
+RETRY_GRACE = 60.0
 
 
 def lag_line(lag: int, threshold: int) -> str:
@@ -39,9 +42,11 @@ def wait_caught_up(s: StepSettings) -> int:
     last_log = 0.0
     log(f"wait-caught-up: waiting for the copy to finish and the lag to fall under {pretty_bytes(threshold)} "
         f"(timeout {s.catchup_timeout:.0f}s)")
+    started = time.time()
     while True:
         st = state.try_load(s)
-        if st is not None and st.follow_failed_at and not st.follow_done_at:
+        if st is not None and st.follow_failed_at and not st.follow_done_at and (
+                st.follow_failed_at >= started or time.time() - started > RETRY_GRACE):
             raise StepError(f"wait-caught-up: the follow step failed ({st.follow_error or 'see its log'}); "
                             "nothing to wait for")
         if st is not None and st.follow_started_at and not st.copy_done_at and st.follow_alive_at \

@@ -29,8 +29,8 @@ def follow(s: StepSettings) -> None:
     if st.follow_done_at and st.end_position and engine.reached(st.end_position) and engine.stream_problem() is None:
         log("follow: already done (the target has everything up to the end position); nothing to do")
         return
-    if st.follow_failed_at:  # a re-run: wait-caught-up beside it must not stop on the earlier failure
-        state.record(s, follow_failed_at=None, follow_error=None)
+    # A re-run: wait-caught-up beside it must not stop on the earlier failure.
+    state.record(s, follow_attempt_at=state.now(), follow_failed_at=None, follow_error=None)
     if s.mode != "rehearsal":
         from steps import fence
 

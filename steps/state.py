@@ -54,6 +54,7 @@ class RunState(BaseModel):
     granted_replication: bool | None = None
     # follow
     follow_started_at: float | None = None
+    follow_attempt_at: float | None = None  # steps/follow.py: each start of the follow step (a retry too)
     copy_done_at: float | None = None
     copy_bytes_total: int | None = None
     copy_bytes_done: int | None = None  # pgcopydb-follow: bytes of the tables copied so far (for pods without its volume)

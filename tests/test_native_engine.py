@@ -379,3 +379,51 @@ def test_a_rehearsal_cutover_predicts_the_window_and_freezes_nothing(pair, dbs, 
         print(f"predicted write-downtime {result['predicted_write_downtime_seconds']:.2f}s")
         cleanup.cleanup(run.s)
         assert leftovers(run.src, run.tgt)["slots"] == 0
+
+
+@pytest.fixture
+def full_volume(tmp_path):
+    """A work volume with (almost) no room: a tmpfs of 16 MB, filled."""
+    mnt = tmp_path / "volume"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    filler = mnt / "filler"
+    try:
+        with open(filler, "wb") as f:
+            f.write(b"\0" * (16 * 1024 * 1024))
+    except OSError:
+        pass
+    try:
+        yield mnt, filler
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_full_work_volume_during_the_copy_is_one_line_and_a_rerun_starts_over(pair, dbs, tmp_path, full_volume):
+    """The native engine's copy writes only pgcopydb's schema dump to the volume: when that
+    does not fit, follow fails with one line; with room again, the re-run starts the copy over."""
+    mnt, filler = full_volume
+    with Run(pair, dbs, tmp_path) as run:
+        workdir = mnt / "work"
+        run.env["DB_UPGRADE_DIR"] = str(workdir)
+        run.s = run.s.model_copy(update={"dir": workdir})
+        run.start("follow")
+        assert run.wait("follow", 120) != 0
+        errors = [ln for ln in run.logs["follow"].splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and ("full" in errors[0] or "No space left" in errors[0]), errors
+        filler.unlink()
+        run.writing(rate=100)
+        run.start("follow")
+        run.wait_caught_up()
+        end = finish.finish(run.s)
+        assert run.wait("follow", 60) == 0
+        assert "RESTARTING THE COPY FROM SCRATCH" in run.logs["follow"]
+        run.writer.stop()
+        run.writer = None
+        with psycopg.connect(run.src, autocommit=True) as conn:
+            conn.execute("INSERT INTO db_upgrade.barrier (id) VALUES ('quiet')")
+        while not run.engine.reached("barrier:quiet"):
+            time.sleep(0.05)
+        assert run.engine.reached(end) and digests(run.src) == digests(run.tgt)
+        cleanup.cleanup(run.s)

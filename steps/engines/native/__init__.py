@@ -193,6 +193,11 @@ class Native(Engine):
             for _line in run.lines():
                 pass
         rc, stopping, first_error, disk_full = run.rc, run.stopping, run.first_error, run.disk_full
+        if rc != 0 and not disk_full:
+            import shutil
+
+            # pgcopydb does not always say why a write failed ("Failed to write file ...").
+            disk_full = shutil.disk_usage(workdir).free < 1024 * 1024
         if rc == 0 and not stopping.is_set():
             return
         why = "stopped by a signal" if stopping.is_set() else f"pgcopydb clone exited {rc}"
