@@ -157,7 +157,13 @@ def tree_info() -> dict:
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
-    return {"head": git("rev-parse", "HEAD"), "changed": git("status", "--porcelain", "--", "steps", "local").splitlines()}
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted((ROOT / "steps").rglob("*.py")):
+        digest.update(f.read_bytes())
+    return {"head": git("rev-parse", "HEAD"), "changed": git("status", "--porcelain", "--", "steps", "local").splitlines(),
+            "steps_sha256": digest.hexdigest()[:12]}
 
 
 def snapshot() -> Path:
@@ -248,6 +254,7 @@ def run(a) -> None:
             else:
                 rec = cutover_s.run(ctx, args["cell"], tag)
             rec["plan_id"] = pid
+            rec["steps_sha256"] = results["tree"].get("steps_sha256")
             rec["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             results["runs"].append(rec)
             save()

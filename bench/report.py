@@ -139,7 +139,7 @@ def downtime_table(runs: list[dict]) -> list[str]:
     return lines
 
 
-VERIFY_PARTS = ("decode", "keys", "final", "snapshots", "commit", "connect", "wait-apply", "check")
+VERIFY_PARTS = ("decode", "keys", "final", "checksums", "snapshots", "commit", "connect", "wait-apply", "check")
 
 
 def verify_table(runs: list[dict]) -> list[str]:
@@ -149,22 +149,24 @@ def verify_table(runs: list[dict]) -> list[str]:
     if not rs:
         return []
     keys = ("workload", "size", "delay")
+    seen = {p for r in rs for p in (r["verify"].get("timings") or {})}
+    parts = [p for p in VERIFY_PARTS if p in seen]  # the parts this version of steps/verify reports
     lines = ["The window's verify, native engine at 500 writes/s: its parts (steps/verify timings), ms, median",
-             "| workload | size | cutover after catch-up | verify | " + " | ".join(VERIFY_PARTS)
+             "| workload | size | cutover after catch-up | verify | " + " | ".join(parts)
              + " | rest | keys re-checked | rows re-read whole | last round before the freeze, s | runs |",
-             "|" + "---|" * (len(VERIFY_PARTS) + 9)]
+             "|" + "---|" * (len(parts) + 9)]
     for cell in sorted(_cells(rs, keys), key=lambda c: (c[1], c[0], c[2])):
         group = [r for r in rs if tuple(r[k] for k in keys) == cell]
-        ms = {p: median([1000 * (r["verify"].get("timings") or {}).get(p, 0) for r in group]) for p in VERIFY_PARTS}
+        ms = {p: median([1000 * (r["verify"].get("timings") or {}).get(p, 0) for r in group]) for p in parts}
         total = median([1000 * (r.get("timings") or {}).get("verify", 0) for r in group])
         rest = median([1000 * ((r.get("timings") or {}).get("verify", 0)
-                               - sum((r["verify"].get("timings") or {}).get(p, 0) for p in VERIFY_PARTS))
+                               - sum((r["verify"].get("timings") or {}).values()))
                        for r in group])
         whole_rows = median([sum(t.get("source_rows") or 0 for t in r["verify"].get("tables", []) if t.get("how") == "whole")
                              for r in group])
         last = median([(r.get("verify_last_round") or {}).get("seconds") for r in group])
         lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]} s | {_f(total, 0)} | "
-                     + " | ".join(_f(ms[p], 0) for p in VERIFY_PARTS)
+                     + " | ".join(_f(ms[p], 0) for p in parts)
                      + f" | {_f(rest, 0)} | {_f(median([r.get('verify_keys_rechecked') for r in group]), 0)} | "
                        f"{_f(whole_rows, 0)} | {_f(last)} | {len(group)} |")
     return lines

@@ -30,7 +30,8 @@ def follow(s: StepSettings) -> None:
         log("follow: already done (the target has everything up to the end position); nothing to do")
         return
     # A re-run: wait-caught-up beside it must not stop on the earlier failure.
-    state.record(s, follow_attempt_at=state.now(), follow_failed_at=None, follow_error=None)
+    state.record(s, follow_attempt_at=state.now(), follow_alive_at=state.now(), follow_failed_at=None,
+                 follow_error=None)
     if s.mode != "rehearsal":
         from steps import fence
 

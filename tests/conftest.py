@@ -61,3 +61,14 @@ def sample(pair, dbs, tmp_path):
     workload.load_sample(src, "tiny")
     readonly, unfreeze = workload.freeze_sql_files(tmp_path / "sql")
     return src, tgt, readonly, unfreeze
+
+
+@pytest.fixture
+def kube(tmp_path, monkeypatch):
+    """tests/fakes/kube.py, with the kubernetes client's kubeconfig pointing at it."""
+    from tests.fakes.kube import FakeKube
+
+    with FakeKube() as fake:
+        monkeypatch.setenv("KUBECONFIG", str(fake.write_kubeconfig(tmp_path / "kubeconfig")))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        yield fake

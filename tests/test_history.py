@@ -24,18 +24,9 @@ from steps.report import RunReport, build, verify_summary
 from steps.settings import load_settings
 from tests.conftest import DB_UPGRADE, step_env
 from tests.fakes.argo import write_environment
-from tests.fakes.kube import FakeKube
 
 NS = "db"  # the namespace of tests/fakes/argo.py's environment file (database_id: orders)
 CM = h.configmap_name("orders")
-
-
-@pytest.fixture
-def kube(tmp_path, monkeypatch):
-    with FakeKube() as fake:
-        monkeypatch.setenv("KUBECONFIG", str(fake.write_kubeconfig(tmp_path / "kubeconfig")))
-        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        yield fake
 
 
 def stored(kube) -> list[dict]:

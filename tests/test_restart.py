@@ -8,15 +8,6 @@ import pytest
 
 from steps.errors import StepError
 from steps.switch import restart as r
-from tests.fakes.kube import FakeKube
-
-
-@pytest.fixture
-def kube(tmp_path, monkeypatch):
-    with FakeKube() as fake:
-        monkeypatch.setenv("KUBECONFIG", str(fake.write_kubeconfig(tmp_path / "kubeconfig")))
-        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        yield fake
 
 
 def settings(tmp_path, **kw):

@@ -29,14 +29,16 @@ pytestmark = pytest.mark.slow
 
 # Production-like: TOASTed values that do not compress away, awkward text,
 # full-precision numerics, a text, a uuid and a composite key, a partitioned
-# table, a table without a key (REPLICA IDENTITY FULL).
+# table, a table without a key (REPLICA IDENTITY FULL) with duplicate rows,
+# TOASTed values, awkward text, timestamps and floats (its row text is
+# rebuilt from decoded values: every way it prints must come out the same).
 SCHEMA = r"""
 CREATE SCHEMA app;
 CREATE TABLE app.items (id bigint PRIMARY KEY, v text NOT NULL, big text, n numeric(30, 12), f float8);
 CREATE TABLE app."Names" (k text PRIMARY KEY, v text);
 CREATE TABLE app.docs (id uuid PRIMARY KEY, body jsonb, at timestamptz);
 CREATE TABLE app.pairs (a text, b int, v text, PRIMARY KEY (a, b));
-CREATE TABLE app."no key" (x int, y text);
+CREATE TABLE app."no key" (x int, y text, big text, at timestamptz, f float8, n numeric(30, 12));
 ALTER TABLE app."no key" REPLICA IDENTITY FULL;
 CREATE TABLE app.ev (id bigint, at date, note text, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
 CREATE TABLE app.ev_a PARTITION OF app.ev FOR VALUES FROM ('2000-01-01') TO ('2021-01-01');
@@ -55,7 +57,12 @@ INSERT INTO app."Names" SELECT 'name ' || g || E' \\ ''q''', 'v' || g FROM gener
 INSERT INTO app.docs SELECT md5(g::text)::uuid, jsonb_build_object('g', g, 's', 'null'),
   timestamptz '2020-01-01 00:00:00.123456+00' + g * interval '1 minute' FROM generate_series(1, 2000) g;
 INSERT INTO app.pairs SELECT 'a' || (g % 50), g, 'p' || g FROM generate_series(1, 3000) g;
-INSERT INTO app."no key" SELECT g, 'r' || g FROM generate_series(1, 500) g;
+INSERT INTO app."no key" SELECT g, CASE g % 6 WHEN 0 THEN 'null' WHEN 1 THEN E'it''s'' \\ (a, "b")' WHEN 2
+  THEN 'ünï ✓ ' || g WHEN 3 THEN '' WHEN 4 THEN NULL ELSE 'r' || g END, CASE WHEN g % 50 = 0 THEN (SELECT
+  string_agg(md5(random()::text || h || g), '') FROM generate_series(1, 400) h) END,
+  timestamptz '2020-01-01 00:00:00.123456+00' + g * interval '1 hour', g / 3.0, g / 7.0
+  FROM generate_series(1, 500) g;
+INSERT INTO app."no key" SELECT * FROM app."no key" WHERE x <= 20;  -- duplicate rows
 INSERT INTO app.ev SELECT g, date '2020-06-01' + g % 400, 'e' || g FROM generate_series(1, 3000) g;
 INSERT INTO app.scratch SELECT g, 's' || g FROM generate_series(1, 1000) g;
 INSERT INTO app.redo SELECT g, 'r' || g FROM generate_series(1, 1000) g;
@@ -130,7 +137,7 @@ class Rep:
         self.drained()
 
 
-def _wait_synced(tgt: str, slot: str, timeout: float = 60) -> None:
+def _wait_synced(tgt: str, slot: str, timeout: float = 600) -> None:  # 1 GB copies take minutes here
     deadline = time.monotonic() + timeout
     with psycopg.connect(tgt, autocommit=True) as c:
         while True:
@@ -142,11 +149,25 @@ def _wait_synced(tgt: str, slot: str, timeout: float = 60) -> None:
             time.sleep(0.1)
 
 
+# Settings under which values print otherwise, for the target database (the
+# apply's sessions, and so the triggers verify installs, run with them): what
+# verify compares must not depend on them.
+ODD_SETTINGS = {"TimeZone": "Asia/Kathmandu", "DateStyle": "SQL, DMY", "extra_float_digits": "0",
+                "IntervalStyle": "sql_standard", "bytea_output": "escape"}
+
+
 @contextmanager
-def replicated(dbs, schema: str = SCHEMA, data: str = DATA, published: str = PUBLISHED, **settings):
+def replicated(dbs, schema: str = SCHEMA, data: str = DATA, published: str = PUBLISHED, odd_target: bool = False,
+               **settings):
     """Source and target with the same schema, the target kept in sync by a
-    subscription (its own initial copy), and the run's settings."""
+    subscription (its own initial copy), and the run's settings. odd_target:
+    the target database prints values otherwise (ODD_SETTINGS)."""
     src, tgt = dbs
+    if odd_target:
+        with psycopg.connect(tgt, autocommit=True) as c:
+            for k, v in ODD_SETTINGS.items():
+                c.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                    sql.Identifier(c.info.dbname), sql.Identifier(k), sql.Literal(v)))
     slot = "vb_" + secrets.token_hex(4)
     with psycopg.connect(src, autocommit=True) as c:
         c.execute(schema)
@@ -188,7 +209,9 @@ def shared(pair):
     heals what it broke, which also shows that verify then passes)."""
     name = "t_verify_shared_" + secrets.token_hex(2)
     dbs = create_database(pair.source.uri(), name), create_database(pair.target.uri(), name)
-    with replicated(dbs) as r:
+    with replicated(dbs, odd_target=True) as r:
+        with psycopg.connect(r.tgt) as c:  # the apply's sessions, and ours in the tests, print values otherwise
+            assert c.execute("SELECT current_setting('DateStyle')").fetchone()[0] == "SQL, DMY"
         assert verify.prepare(r.s)
         yield r
 
@@ -223,7 +246,8 @@ def test_rounds_compare_only_the_changed_rows_by_key(rep):
     rep.drained()
     report = verify.verify(rep.s)
     assert report.ok and report.method == "bounded"
-    assert report.keys_rechecked == 1 and report.whole_tables == ['app."no key"'], report
+    assert report.keys_rechecked == 1 and report.whole_tables == [], report  # the keyless table: by checksum
+    assert report.by_checksum == ['app."no key"'] and report.keyless_rows == 4  # x = 3 twice: old and new rows
     assert {t.table: t.how for t in report.tables}["app.items"] == "keys"
 
 
@@ -246,6 +270,114 @@ def test_a_source_change_the_target_never_applied_is_caught(rep, change, table):
     with pytest.raises(StepError, match=re.escape(table)):
         verify.verify(rep.s)
     rep.target(change)
+
+
+NO_KEY = 'app."no key"'
+
+
+def keyless_changes(x: int, dup: int, toasted: int) -> dict[str, str]:
+    """Each kind of change of the keyless table, on rows of its own (x: three rows with one copy each;
+    dup: a row with two copies, 5-20; toasted: a row with a TOASTed value, a multiple of 50)."""
+    return {
+        "insert": rf"""INSERT INTO app."no key" VALUES ({9000 + x}, E'new \\ "row", (1)', NULL,
+                      '2024-02-29 23:59:59.999999+00', -0.0, 1.000000000001)""",
+        "update": f"""UPDATE app."no key" SET f = f + 1 WHERE x = {x}""",
+        "delete": f"""DELETE FROM app."no key" WHERE x = {x + 1}""",
+        "duplicate-insert": f"""INSERT INTO app."no key" SELECT * FROM app."no key" WHERE x = {x + 2}""",
+        "duplicate-delete": f"""DELETE FROM app."no key" WHERE ctid = (SELECT min(ctid) FROM app."no key"
+                                WHERE x = {dup})""",
+        "toast-unchanged": f"""UPDATE app."no key" SET y = 'toast kept' WHERE x = {toasted}""",  # `big` not sent
+    }
+
+
+MISSED = keyless_changes(40, 10, 300)
+
+
+def decoded(rep: Rep, *stmts: str) -> list:
+    """Run stmts on the source in one transaction and return its pgoutput messages (a probe slot of the
+    test's own): shows what the tracking slot is given, e.g. that an unchanged TOASTed value is not sent."""
+    with psycopg.connect(rep.src, autocommit=True) as c:
+        probe = f"{rep.slot}_probe"
+        c.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput', true)", (probe,))
+        c.execute("SET synchronous_commit = on")
+        with c.transaction():
+            for st in stmts:
+                c.execute(st)
+        rows = c.execute("SELECT data FROM pg_logical_slot_get_binary_changes(%s, NULL, NULL, 'proto_version', "
+                         "'1', 'publication_names', %s)", (probe, rep.slot)).fetchall()
+    return [pgoutput.parse(r[0]) for r in rows]
+
+
+def count(uri: str, table: str = NO_KEY) -> int:
+    with psycopg.connect(uri) as c:
+        return c.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def test_keyless_changes_are_bounded_by_a_checksum_kept_from_them(rep):
+    """Inserts, updates and deletes of a keyless table, duplicates among them and a FULL-identity UPDATE
+    whose TOASTed value is not decoded: the rounds and the final check compare the table by its checksum
+    (source: the decoded rows rebuilt and hashed; target: the deltas its triggers record) and never re-read
+    it. A wrong hash of any decoded row would fail this verify."""
+    messages = decoded(rep, """UPDATE app."no key" SET f = f * 2 WHERE x = 150""")  # a TOASTed row
+    updates = [m for m in messages if isinstance(m, pgoutput.Update)]
+    assert len(updates) == 1 and pgoutput.UNCHANGED in updates[0].new  # 'u': the old row carries it
+    rep.source(*keyless_changes(30, 9, 100).values())
+    rep.source("""UPDATE app."no key" SET at = at + interval '1 microsecond', n = n / 3 WHERE x BETWEEN 200 AND 260""",
+               """INSERT INTO app."no key" (x, y) VALUES (9002, ''), (9002, ''), (9003, NULL), (9004, ' (,)\\"')""")
+    rep.drained()
+    r = verify.round(rep.s)
+    assert r.keyless_rows > 0 and r.whole_pending == [], r
+    rep.source("""UPDATE app."no key" SET y = y || '.' WHERE x IN (50, 250)""",  # 50: a TOASTed row
+               """DELETE FROM app."no key" WHERE x = 9002""")
+    rep.drained()
+    report = verify.verify(rep.s)
+    assert report.ok and report.whole_tables == [] and report.by_checksum == [NO_KEY], report
+    assert report.keyless_rows == 2 * 2 + 2  # 2 updated rows: old and new; 2 deleted
+    t = next(t for t in report.tables if t.table == NO_KEY)
+    assert t.how == "checksum" and t.source_rows == t.target_rows == count(rep.src) == count(rep.tgt)
+
+
+@pytest.mark.parametrize("change", list(MISSED.values()), ids=list(MISSED))
+def test_a_keyless_change_the_target_never_applied_is_caught_by_its_checksum(rep, change):
+    rep.miss(change)
+    with pytest.raises(StepError, match=re.escape(NO_KEY)):
+        verify.verify(rep.s)
+    v = state.load(rep.s).verify
+    assert v["mismatched"] == [NO_KEY] and v["by_checksum"] == [NO_KEY] and v["whole_tables"] == [], v
+    rep.target(change)
+
+
+@pytest.mark.parametrize("wrong, heal", [
+    ("""INSERT INTO app."no key" (x, y) VALUES (-1, 'extra')""", """DELETE FROM app."no key" WHERE x = -1"""),
+    ("""INSERT INTO app."no key" SELECT * FROM app."no key" WHERE x = 33""",  # a duplicate on the target only
+     """DELETE FROM app."no key" WHERE ctid = (SELECT max(ctid) FROM app."no key" WHERE x = 33)"""),
+    ("""UPDATE app."no key" SET n = n + 0.000000000001 WHERE x = 34""",
+     """UPDATE app."no key" SET n = n - 0.000000000001 WHERE x = 34"""),
+], ids=["extra-row", "extra-duplicate", "changed-digit"])
+def test_a_keyless_row_changed_on_the_target_only_is_caught_by_its_checksum(rep, wrong, heal):
+    verify.round(rep.s)  # a round consumes the target's deltas before it: the difference is in the kept sums
+    rep.target(wrong)
+    verify.round(rep.s)
+    with pytest.raises(StepError, match=re.escape(NO_KEY)):
+        verify.verify(rep.s)
+    assert state.load(rep.s).verify["by_checksum"] == [NO_KEY]
+    rep.target(heal)
+
+
+def test_a_truncated_keyless_table_is_read_whole_then_kept_by_checksum_again(rep, capsys):
+    rep.source('CREATE TEMP TABLE keep ON COMMIT DROP AS SELECT * FROM app."no key"', 'TRUNCATE app."no key"',
+               'INSERT INTO app."no key" SELECT * FROM keep')
+    rep.drained()
+    report = verify.verify(rep.s)  # the TRUNCATE is decoded in the window: the table is re-read whole
+    assert report.ok and report.whole_tables == [NO_KEY] and report.by_checksum == [], report
+    assert "truncated on the source" in capsys.readouterr().err
+    r = verify.round(rep.s)  # its checksum is taken again in a round
+    assert NO_KEY in r.baseline and r.baseline_left == 0, r
+    assert "its checksum is taken again" in capsys.readouterr().err
+    rep.source("""UPDATE app."no key" SET y = 'after' WHERE x = 35""")
+    rep.drained()
+    report = verify.verify(rep.s)
+    assert report.ok and report.whole_tables == [] and report.by_checksum == [NO_KEY], report
 
 
 def test_a_difference_found_by_a_round_stays_until_verify(rep):

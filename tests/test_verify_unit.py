@@ -242,3 +242,105 @@ def test_report_summary():
     st = VerifyStatus(prepared=True, pending_keys=3, without_key=[("app.h", 2048, "no key")])
     assert "3 changed row(s)" in st.lines()[0] and "app.h (2.0 kB)" in st.lines()[1]
     assert "NOT prepared" in VerifyStatus(prepared=False).lines()[0]
+
+
+# --- keyless tables: a checksum kept by deltas -------------------------------------------------------
+
+def test_a_keyless_full_identity_table_is_kept_by_checksum_when_its_row_text_can_be_rebuilt():
+    keyless = {"replident": "f", "cols": None, "types": None, "type_oids": None, "is_primary": None}
+    t = classify(**keyless, columns=(3, "x integer, y text, z bytea", False, False))
+    assert t.kind == plan.WHOLE and t.checksum and (t.ncols, t.columns) == (3, "x integer, y text, z bytea")
+    assert "checksum" in t.why
+    # pgoutput leaves generated columns out; reg* text depends on search_path; nothing to hash
+    for cols, word in (((2, "a int, b int", True, False), "generated"), ((1, "r regclass", False, True), "reg*"),
+                       ((0, "", False, False), "no column")):
+        u = classify(**keyless, columns=cols)
+        assert u.kind == plan.WHOLE and not u.checksum and word in u.why
+    assert not classify(**keyless).checksum  # no column information: as before
+    assert not classify(columns=(2, "id bigint, v text", False, False)).checksum  # keyed: by key
+
+
+def test_row_images_of_each_change_of_a_full_identity_table():
+    full = msg("rel_full")  # cap.full_t (x int, y text), REPLICA IDENTITY FULL
+    assert plan.row_images(msg("update_full"), len(full.columns)) == [(-1, ("1", "a")), (1, ("1", "b"))]
+    assert plan.row_images(msg("delete_full"), 2) == [(-1, ("1", "b"))]
+    assert plan.row_images(p.Insert(1, ("7", None)), 2) == [(1, ("7", None))]  # NULL stays NULL
+    assert plan.row_images(p.Insert(1, ("7", "null")), 2) == [(1, ("7", "null"))]  # the text 'null' is text
+
+
+def test_an_unchanged_toasted_value_of_the_new_row_is_the_old_rows():
+    u = p.Update(1, old=("1", "big" * 1000, "a"), old_kind="O", new=("1", p.UNCHANGED, "b"))
+    assert plan.row_images(u, 3) == [(-1, ("1", "big" * 1000, "a")), (1, ("1", "big" * 1000, "b"))]
+
+
+def test_row_images_that_cannot_be_had_say_why():
+    assert "old row" in plan.row_images(p.Update(1, None, None, ("1", "b")), 2)  # no old row (not FULL)
+    assert "old row" in plan.row_images(p.Delete(1, ("1", None), "K"), 2)  # only the key
+    assert "TOASTed" in plan.row_images(p.Update(1, ("1", p.UNCHANGED), "O", ("1", p.UNCHANGED)), 2)
+    assert "TOASTed" in plan.row_images(p.Insert(1, ("1", p.UNCHANGED)), 2)
+    assert "columns" in plan.row_images(p.Insert(1, ("1", "a", "c")), 2)  # the definition changed
+    assert "binary" in plan.row_images(p.Insert(1, ("1", b"\x00")), 2)
+
+
+def test_image_columns_are_the_signs_then_one_list_per_column():
+    images = [(-1, ("1", "a")), (1, ("1", None)), (1, ("2", "x"))]
+    assert plan.image_columns(images, 2) == [[-1, 1, 1], ["1", "1", "2"], ["a", None, "x"]]
+
+
+def test_sums_are_a_multiset_checksum():
+    a, b = plan.Sums(1, 2 ** 63 - 1, -(2 ** 63)), plan.Sums(1, 5, 6)
+    assert a + b == plan.Sums(2, 2 ** 63 + 4, -(2 ** 63) + 6)  # exact: no 64-bit wrap
+    assert plan.Sums.parse((a + b).text()) == a + b
+    assert plan.Sums.of(("3", "-4", "5")) == plan.Sums(3, -4, 5)
+    row = plan.Sums(1, 10, 20)
+    removed = plan.Sums(-1, -10, -20)
+    assert row + row != row and row + row + removed == row  # a duplicate counts; removing one leaves one
+    assert not (row + removed) and plan.Sums() == plan.Sums(0, 0, 0)
+
+
+def test_a_decoded_transaction_counts_once():
+    base = plan.Snapshot.parse("100:110:102,105")  # the snapshot the source checksum was taken in
+    cur = plan.Snapshot.parse("100:200:")
+    # committed before the checksum's position: in it (a round that died before advancing decodes it again)
+    assert not plan.delta_applies(end=50, xid32=150, sums_at=50, base=base, current=cur)
+    # after the position, but visible in the checksum's snapshot: in it already
+    assert not plan.delta_applies(end=60, xid32=104, sums_at=50, base=base, current=cur)
+    # running when it was taken, or started after it: not in it
+    assert plan.delta_applies(end=60, xid32=105, sums_at=50, base=base, current=cur)
+    assert plan.delta_applies(end=60, xid32=150, sums_at=50, base=base, current=cur)
+    # the epoch comes from the current snapshot: an xid past 2^32 is not mistaken for an old one
+    base8 = plan.Snapshot.parse(f"{2 ** 32 - 10}:{2 ** 32 - 5}:")
+    cur8 = plan.Snapshot.parse(f"{2 ** 32 + 10}:{2 ** 32 + 20}:")
+    assert plan.delta_applies(end=60, xid32=3, sums_at=50, base=base8, current=cur8)
+    assert not plan.delta_applies(end=60, xid32=2 ** 32 - 20, sums_at=50, base=base8, current=cur8)
+    assert plan.Snapshot.parse(base.text()) == base and base.text() == "100:110:102,105"
+
+
+def test_decoded_rows_are_hashed_as_the_table_prints_them():
+    text = q.decoded_row_sums(3).as_string()
+    assert "ROW(x.c0, x.c1, x.c2)::text" in text and text.count("unnest(%s::text[])") == 3
+    assert 'hashtextextended(ROW(x.c0, x.c1, x.c2)::text COLLATE "C", 0)' in text and ", 1)" in text
+    assert "unnest(%s::int[])" in text and "x.s *" in text
+    with pytest.raises(ValueError):
+        q.decoded_row_sums(0)
+
+
+def test_the_row_trigger_of_a_keyless_table_records_signed_hashes_in_normalised_settings():
+    f = q.note_rows_function().as_string()
+    assert "SET \"TimeZone\" TO 'UTC'" in f and "SET \"extra_float_digits\" TO '1'" in f
+    assert "SET \"bytea_output\" TO 'hex'" in f and "SET \"IntervalStyle\" TO 'postgres'" in f
+    assert "r := OLD::text" in f and "r := NEW::text" in f and "-1, hashtextextended(r COLLATE \"C\", 0)" in f
+    stmts = [s.as_string() for s in q.install_triggers(("app", "k"), "app.k", q.NOTE_ROWS)]
+    assert any('"verify_note_rows"(\'app.k\')' in s and "FOR EACH ROW" in s for s in stmts)
+    assert any('"verify_note_whole"(\'app.k\')' in s and "AFTER TRUNCATE" in s for s in stmts)
+    assert "DELETE FROM" in q.consume_deltas().as_string() and "DELETE" not in q.read_deltas().as_string()
+    assert "verify_deltas" in " ".join(s.as_string() for s in q.drop_target_objects())
+    ddl = q.target_ddl().as_string()
+    assert "ADD COLUMN IF NOT EXISTS \"src_sums\" text" in ddl and "verify_note_rows" in ddl
+
+
+def test_report_names_the_tables_compared_by_checksum():
+    r = VerifyReport(ok=True, mode="upgrade", tables=[TableResult("a", 1, 1, True, "checksum")], keys_rechecked=5,
+                     by_checksum=["a"])
+    assert "1 keyless table(s) by checksum, 0 table(s) re-read whole" in r.summary()
+    assert "keyless" not in VerifyReport(ok=True, mode="upgrade").summary()

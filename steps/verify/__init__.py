@@ -2,7 +2,8 @@
 seconds of changes. The argument (why it is exact) is in docs/verify.md.
 
 - `prepare(s, stop)`: the change tracking (a pgoutput slot and a publication of
-  our own on the source; ALWAYS triggers recording changed keys on the target),
+  our own on the source; ALWAYS triggers recording changed keys on the target,
+  or, for a keyless table, the hashes of the rows it gained and lost),
   then the baseline: every table compared once, in chunks, each at a point both
   sides have reached, throttled when the apply falls behind.
 - `reconcile(s)`: the verify-prepare step: prepare, then a round every few
@@ -135,7 +136,10 @@ def prepare(s: StepSettings, stop: threading.Event | None = None) -> bool:
         with tracking.source(s) as src:
             tables = tracking.catalogue(src)
         for t in tables:
-            if t.kind != plan.KEYED:
+            if t.kind != plan.KEYED and t.checksum:
+                log(f"verify-prepare: {t.label} ({pretty_bytes(t.bytes)}) has no usable key ({t.why}): the cutover "
+                    "does not re-read it")
+            elif t.kind != plan.KEYED:
                 log(f"verify-prepare: {t.label} ({pretty_bytes(t.bytes)}) has no usable key ({t.why}): the "
                     "cutover re-reads it whole" + (" when it changed" if t.kind == plan.WHOLE else ""))
         log(f"verify-prepare: tracking changes: publication and slot {tracking.names(s)[0]!r} on the source, "

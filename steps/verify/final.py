@@ -4,7 +4,9 @@ With the preparation complete, it is the last round at the end of the WAL
 (the source frozen, the target drained), and in the same snapshots: the
 object comparison, the sequences, and the whole tables (no usable key and
 changed, truncated, not decoded, created since, or whose baseline was started
-over). It changes nothing in the tracking (the keys just decoded are compared
+over); the keyless tables kept by checksum by their checksums (the last
+rows decoded added on the source, the last row deltas on the target), not
+re-read. It changes nothing in the tracking (the keys just decoded are compared
 beside the pending ones, in memory; nothing is deleted, the slot stays where it
 was): the cutover drops the tracking right after it, and a second run compares
 the same again. Without the preparation, every table is compared whole, and
@@ -100,7 +102,11 @@ def _bounded(s: StepSettings) -> VerifyReport:
         compare_sequences(report, rnd.src, rnd.tgt)
         by_label = {t.label: t for t in tables}
         present = _present(report, rnd.src)
+        columns = {}
+        if rnd.checksums:
+            columns = {label: (n, sig) for label, n, sig, *_ in rnd.src.execute(q.COLUMNS, ()).fetchall()}
         whole_list = []
+        by_checksum = {}
         for n, r, label in present:
             t = by_label.get(label)
             if t is None:
@@ -108,10 +114,16 @@ def _bounded(s: StepSettings) -> VerifyReport:
             elif t.kind == plan.UNTRACKED:
                 why = t.why
             elif label in whole:
-                why = "changed as a whole (no usable key, or truncated)"
+                why = rnd.why.get(label) or "changed as a whole (no usable key, or truncated)"
             elif not t.baselined:
                 why = "its baseline is not complete"
+            elif t.kind == plan.WHOLE and t.checksum and label not in rnd.checksums:
+                why = "its checksum is not taken"
+            elif label in rnd.checksums and columns.get(label) != (t.ncols, t.columns):
+                why = "its columns changed since its checksum was taken"
             else:
+                if label in rnd.checksums:
+                    by_checksum[label] = rnd.checksums[label]
                 continue
             whole_list.append((n, r, label, why))
         sums_s, sums_t = whole_sums(rnd.src, rnd.tgt, [(n, r, label) for n, r, label, _ in whole_list])
@@ -121,8 +133,12 @@ def _bounded(s: StepSettings) -> VerifyReport:
             report.tables.append(TableResult(label, ss[0], st_[0], ss == st_, "whole"))
             report.whole_tables.append(label)
             log(f"verify: {label} re-read whole: {why}")
+        for label, (src, tgt, rows) in sorted(by_checksum.items()):
+            report.tables.append(TableResult(label, src.n, tgt.n, src == tgt, "checksum"))
+            report.by_checksum.append(label)
+            report.keyless_rows += rows
         for n, r, label in present:
-            if label in compared_whole:
+            if label in compared_whole or label in by_checksum:
                 continue
             t = by_label[label]
             bad = differ.get(label, [])
@@ -141,7 +157,9 @@ def _bounded(s: StepSettings) -> VerifyReport:
         log(f"{exc}{' (the operator chose not to wait for it)' if skipped else ''}: comparing every table whole")
         return _full(s)
     log(f"verify: decoded {result.decoded_changes} change(s) since the last round, re-checked "
-        f"{report.keys_rechecked} key(s) and {len(report.whole_tables)} whole table(s) at {result.position} ("
+        f"{report.keys_rechecked} key(s), {len(report.by_checksum)} keyless table(s) by checksum "
+        f"({report.keyless_rows} decoded row(s) added) and {len(report.whole_tables)} whole table(s) at "
+        f"{result.position} ("
         + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items()) + ")")
     report.timings = result.timings
     return report

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from steps.verify.pgoutput import UNCHANGED, Delete, Insert, Update
 from steps.verify.sql import INTEGER_TYPE_OIDS, NEUTRAL_TYPE_OIDS
 
 BUCKET_PAGES = 64  # about 512 kB of heap per bucket of the baseline
@@ -41,6 +42,15 @@ class Table:
     target_oid: int | None = None
     root: tuple[str, str] | None = None  # the top-level table a publication names (itself, or a partition's root)
     persistence: str = "p"
+    # A keyless table (kind whole) kept bounded by a checksum of its rows
+    # maintained from its changes (docs/verify.md, "Tables without a key"):
+    checksum: bool = False
+    ncols: int | None = None  # its columns when the checksum was taken ...
+    columns: str | None = None  # ... and their names and types (a changed definition: compared whole)
+    src_sums: str | None = None  # Sums.text() of the source's rows: at sums_snapshot, plus the deltas decoded since
+    tgt_sums: str | None = None  # ... of the target's rows: at the baseline's T, plus the deltas consumed since
+    sums_at: int | None = None  # the source position up to which decoded deltas are in src_sums
+    sums_snapshot: str | None = None  # the source snapshot src_sums was taken in (pg_snapshot text)
 
     @property
     def parts(self) -> tuple[str, str]:
@@ -53,13 +63,18 @@ class Table:
 
 def classify(nspname: str, relname: str, label: str, persistence: str, replident: str,
              root: tuple[str, str], pages: int, size: int, cols: list[str] | None, types: list[str] | None,
-             type_oids: list[int] | None, is_primary: bool | None) -> Table:
+             type_oids: list[int] | None, is_primary: bool | None,
+             columns: tuple[int, str, bool, bool] | None = None) -> Table:
     """How a table is tracked, from the source's catalogue row.
 
     Its changes can be decoded only if it can be in a publication without
     breaking the application: UPDATE and DELETE on a published table without a
     replica identity fail. Its rows can be compared by key if that identity is
-    a key (the primary key, or the REPLICA IDENTITY USING INDEX index)."""
+    a key (the primary key, or the REPLICA IDENTITY USING INDEX index).
+    A keyless table that is decoded whole rows (REPLICA IDENTITY FULL) is
+    tracked by a checksum of its rows when its row text can be rebuilt from
+    decoded changes (`columns`: count, signature, has a generated column, has
+    a reg* column)."""
     t = Table(label=label, nspname=nspname, relname=relname, kind=UNTRACKED, replident=replident, bytes=size,
               root=root, persistence=persistence)
     if persistence != "p":
@@ -74,6 +89,16 @@ def classify(nspname: str, relname: str, label: str, persistence: str, replident
         return t
     if not has_key:
         t.kind, t.why = WHOLE, "no primary key or replica identity index (REPLICA IDENTITY FULL)"
+        ncols, signature, generated, reg = columns or (0, "", False, False)
+        if generated:
+            t.why += "; a generated column, which decoding leaves out of its rows"
+        elif reg:
+            t.why += "; a reg* column, whose text depends on search_path"
+        elif ncols < 1:
+            t.why += "; no column"
+        else:
+            t.checksum, t.ncols, t.columns = True, ncols, signature
+            t.why += ": compared by a checksum kept current from its changes"
         return t
     t.kind = KEYED
     t.key_cols, t.key_types = list(cols), list(types)
@@ -164,6 +189,9 @@ class Snapshot:
         xmin, xmax, xip = text.split(":")
         return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
 
+    def text(self) -> str:
+        return f"{self.xmin}:{self.xmax}:{','.join(map(str, sorted(self.xip)))}"
+
     def visible(self, xid8: int) -> bool:
         """Was this (committed) transaction finished when the snapshot was taken?"""
         return xid8 < self.xmax and xid8 not in self.xip
@@ -196,11 +224,17 @@ class Decoded:
     xids: list[int] = field(default_factory=list)  # top-level 32-bit xids of the decoded transactions
     changes: int = 0
     last_end: int = 0  # the end of the last decoded commit record
+    # Keyless tables kept by checksum: the rows each change removed (-1) and
+    # added (+1), as decoded text values (one transaction's, before merge)
+    images: dict[str, list[tuple[int, tuple]]] = field(default_factory=dict)
+    why: dict[str, str] = field(default_factory=dict)  # label -> why it changed "as a whole" (for the log)
 
     def merge(self, other: Decoded) -> None:
         for label, keys in other.keys.items():
             self.keys.setdefault(label, set()).update(keys)
         self.whole |= other.whole
+        for label, why in other.why.items():
+            self.why.setdefault(label, why)
         self.unknown |= other.unknown
         self.xids += other.xids
         self.changes += other.changes
@@ -244,3 +278,82 @@ def should_stop(st) -> str | None:
     if st.end_position and not st.cutover_started_at:
         return "the end position is set without a cutover (finish ran on its own)"
     return None
+
+
+# --- keyless tables: a checksum kept by deltas ------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sums:
+    """A multiset checksum of rows: the count and two sums of the row text's
+    hashtextextended (seeds 0 and 1), exact integers. Adding a row adds its
+    hashes, removing it subtracts them: so a table's checksum can be kept
+    current from its changes, and a duplicated row counts twice."""
+
+    n: int = 0
+    h0: int = 0
+    h1: int = 0
+
+    def __add__(self, other: Sums) -> Sums:
+        return Sums(self.n + other.n, self.h0 + other.h0, self.h1 + other.h1)
+
+    def __bool__(self) -> bool:
+        return bool(self.n or self.h0 or self.h1)
+
+    def text(self) -> str:
+        return f"{self.n} {self.h0} {self.h1}"
+
+    @classmethod
+    def parse(cls, text: str) -> Sums:
+        n, h0, h1 = text.split()
+        return cls(int(n), int(h0), int(h1))
+
+    @classmethod
+    def of(cls, row) -> Sums:
+        """From a (count, sum0, sum1) row, numbers or their text."""
+        return cls(*(int(v) for v in row))
+
+
+def row_images(msg: Insert | Update | Delete, ncols: int) -> list[tuple[int, tuple]] | str:
+    """The rows a decoded change removed (-1) and added (+1), each as its
+    column values' text; or why they cannot be had (the table is then compared
+    whole). An UPDATE's new row does not carry an unchanged TOASTed value: it
+    is the old row's (REPLICA IDENTITY FULL decodes the whole old row)."""
+    def complete(values, what: str) -> str | None:
+        if len(values) != ncols:
+            return f"a decoded {what} has {len(values)} columns, the checksum {ncols} (its definition changed?)"
+        if any(v is UNCHANGED for v in values):
+            return f"a decoded {what} lacks an unchanged TOASTed value"
+        if any(isinstance(v, bytes) for v in values):
+            return f"a decoded {what} is in binary"
+        return None
+
+    if isinstance(msg, Insert):
+        why = complete(msg.new, "new row")
+        return why or [(1, msg.new)]
+    if msg.old is None or msg.old_kind != "O":
+        return "a decoded change without its old row (not REPLICA IDENTITY FULL when it was made?)"
+    why = complete(msg.old, "old row")
+    if why:
+        return why
+    if isinstance(msg, Delete):
+        return [(-1, msg.old)]
+    if len(msg.new) != ncols:
+        return complete(msg.new, "new row")
+    new = tuple(o if v is UNCHANGED else v for v, o in zip(msg.new, msg.old))
+    why = complete(new, "new row")
+    return why or [(-1, msg.old), (1, new)]
+
+
+def image_columns(images: list[tuple[int, tuple]], ncols: int) -> list[list]:
+    """The parameters of sql.decoded_row_sums: the signs, then one list per column."""
+    return [[s for s, _ in images]] + [[values[i] for _, values in images] for i in range(ncols)]
+
+
+def delta_applies(end: int, xid32: int, sums_at: int, base: Snapshot, current: Snapshot) -> bool:
+    """Is a decoded transaction (commit record ending at `end`) a change the
+    source checksum does not have yet? Those up to sums_at are in it (a round
+    that died before advancing the slot decodes them again), and so is every
+    one visible in the snapshot the checksum was taken in (`base`), even when
+    it committed after the slot's position then. `current` (a snapshot in
+    which the transaction is visible) gives its xid's epoch."""
+    return end > sums_at and not base.visible(xid8(xid32, current))

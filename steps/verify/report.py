@@ -14,7 +14,8 @@ class TableResult:
     source_rows: int  # rows read on the source by this verify (the whole table's count when re-read whole)
     target_rows: int
     match: bool
-    how: str = "whole"  # whole: re-read whole; keys: its changed rows by key; unchanged: nothing changed since
+    how: str = "whole"  # whole: re-read whole; keys: its changed rows by key; unchanged: nothing changed since;
+    # checksum: a keyless table, by the checksum of its rows kept current from its changes (rows: its count)
 
 
 @dataclass
@@ -29,6 +30,8 @@ class VerifyReport:
     method: str = "bounded"  # bounded: what changed since the last round; full: everything (not prepared)
     keys_rechecked: int = 0  # changed rows compared by key
     whole_tables: list[str] = field(default_factory=list)  # tables re-read whole
+    by_checksum: list[str] = field(default_factory=list)  # keyless tables compared by their kept checksums
+    keyless_rows: int = 0  # decoded rows of those added to their checksums in the window
     seconds: float = 0.0
     round_seconds: float | None = None  # rehearsal: the bounded round a cutover would run
     differing_keys: dict[str, list[list]] = field(default_factory=dict)  # a few keys per table that differ
@@ -46,7 +49,8 @@ class VerifyReport:
                 return (f"verified: {len(self.tables)} tables, {sum(t.target_rows for t in self.tables)} rows "
                         "compared whole (no preparation), checksums and sequences match")
             return (f"verified: {len(self.tables)} tables ({self.keys_rechecked} changed rows by key, "
-                    f"{len(self.whole_tables)} table(s) re-read whole), rows, objects and sequences match")
+                    + (f"{len(self.by_checksum)} keyless table(s) by checksum, " if self.by_checksum else "")
+                    + f"{len(self.whole_tables)} table(s) re-read whole), rows, objects and sequences match")
         parts = []
         if self.missing_on_target:
             parts.append(f"missing on target: {', '.join(self.missing_on_target[:5])}")

@@ -16,6 +16,11 @@
    they really differ (the final verify names them).
 5. A piece of the baseline, if any is left: bucket checksums of both sides in
    the same snapshots; the rows of a bucket that differs become pending keys.
+   A keyless table's baseline is its checksum on each side (source: in S,
+   with S itself; target: in T).
+5b. Keyless tables kept by checksum: the source's gains the hashes of the
+   rows each decoded transaction it lacks added and removed; the target's the
+   row deltas its triggers recorded, visible in T (deleted in T).
 6. Commit T, then advance the slot to L (a crash before that decodes the same
    changes again: duplicates in the pending table are harmless).
 
@@ -42,6 +47,7 @@ from steps.verify import pgoutput, plan, tracking
 from steps.verify import sql as q
 
 KEY_BATCH = 2000  # keys per lookup query
+IMAGE_BYTES = 64 * 1024 * 1024  # decoded rows of one keyless table a round keeps in memory; past it: re-read whole
 APPLY_WAIT = 5.0  # a round waits this long for the target to apply what it decoded
 SNAPSHOT_WAIT = 60.0
 LOCK_WAIT = "300s"  # a round waits this long for another one to finish (a baseline chunk may take a while)
@@ -62,6 +68,7 @@ class RoundResult:
     baseline: list[str] = field(default_factory=list)  # tables whose baseline advanced in this round
     baseline_left: int = 0  # tables whose baseline is not complete
     buckets_differing: int = 0  # baseline buckets that differed (their rows became pending keys)
+    keyless_rows: int = 0  # decoded rows of keyless tables added to their checksums
     seconds: float = 0.0
     waited_seconds: float = 0.0  # waiting for the target to apply up to L
     note: str | None = None
@@ -99,6 +106,10 @@ class Round:
         self.slot, self.pub = tracking.names(s)
         self._stack = ExitStack()
         self.found: dict[str, tuple[int, int]] = {}  # label -> rows found by key on (source, target)
+        # label -> (source, target) checksum of a keyless table now, and the decoded rows added to it
+        self.checksums: dict[str, tuple[plan.Sums, plan.Sums, int]] = {}
+        self.why: dict[str, str] = {}  # label -> why it changed "as a whole" (decoded), for the log
+        self.image_bytes: dict[str, int] = {}
         self.timings: dict[str, float] = {}  # where a round's time went, for the log
 
     @contextmanager
@@ -198,6 +209,7 @@ class Round:
     @staticmethod
     def _restart_baseline(t: plan.Table) -> None:
         t.next_bucket = t.first_bucket if t.kind == plan.KEYED else 0
+        t.src_sums = t.tgt_sums = t.sums_at = t.sums_snapshot = None
 
     # -- 1. decode --------------------------------------------------------------------------------
 
@@ -263,7 +275,7 @@ class Round:
                 elif isinstance(m, pgoutput.Relation):
                     rels[m.oid] = m
                 elif isinstance(m, (pgoutput.Insert, pgoutput.Update, pgoutput.Delete)):
-                    _note_change(cur_txn.decoded, m, _relation(rels, m.rel), by_name)
+                    _note_change(cur_txn.decoded, m, _relation(rels, m.rel), by_name, self.image_bytes)
                 elif isinstance(m, pgoutput.Truncate):
                     for oid in m.rels:
                         rel = _relation(rels, oid)
@@ -272,6 +284,7 @@ class Round:
                             cur_txn.decoded.unknown.add((rel.namespace, rel.name))
                         else:
                             cur_txn.decoded.whole.add(t.label)
+                            cur_txn.decoded.why.setdefault(t.label, "truncated on the source")
         return txns
 
     def applied(self) -> int | None:
@@ -396,12 +409,23 @@ class Round:
         self.found = {t.label: (len(src[t.label]), len(tgt[t.label])) for t, _ in work}
         return {t.label: plan.differing(keys, src[t.label], tgt[t.label]) for t, keys in work}
 
+    def decoded_sums(self, images: list[tuple[int, tuple]], ncols: int) -> plan.Sums:
+        """The signed checksum of decoded rows, their text rebuilt server side."""
+        query = q.decoded_row_sums(ncols)
+        total = plan.Sums()
+        for start in range(0, len(images), KEY_BATCH):
+            batch = images[start:start + KEY_BATCH]
+            total += plan.Sums.of(self.src.execute(query, plan.image_columns(batch, ncols)).fetchone())
+        return total
+
     # -- 5. the baseline ----------------------------------------------------------------------------
 
-    def baseline(self, chunks: list[plan.Chunk], tables: dict[str, plan.Table]) -> tuple[dict[str, list[tuple]], dict[str, bool], int]:
+    def baseline(self, chunks: list[plan.Chunk], tables: dict[str, plan.Table]
+                 ) -> tuple[dict[str, list[tuple]], dict[str, bool], int, dict[str, tuple]]:
         """Compare chunks of the baseline in the open snapshots. Returns the keys
         of rows that differ per keyed table (to become pending), per whole table
-        whether it matched, and the number of buckets that differed."""
+        whether it matched, the number of buckets that differed, and per whole
+        table its (source, target) (count, sum, sum)."""
         def sums(conn):
             out = {}
             for c in chunks:
@@ -419,12 +443,14 @@ class Round:
         src, tgt = _both(sums, self.src, self.tgt)
         keys: dict[str, list[tuple]] = {}
         whole_ok: dict[str, bool] = {}
+        whole_sums: dict[str, tuple] = {}
         redo = []
         n_diff = 0
         for c in chunks:
             t = tables[c.label]
             if t.kind == plan.WHOLE:
                 whole_ok[c.label] = src[c.label] == tgt[c.label]
+                whole_sums[c.label] = (src[c.label][0], tgt[c.label][0])
                 continue
             diff = plan.bucket_differences(src[c.label], tgt[c.label])
             n_diff += len(diff)
@@ -448,7 +474,7 @@ class Round:
             for c, _diff in redo:
                 keys.setdefault(c.label, []).extend(
                     plan.row_differences(src_rows.get(c.label, {}), tgt_rows.get(c.label, {})))
-        return keys, whole_ok, n_diff
+        return keys, whole_ok, n_diff, whole_sums
 
     # -- 6. the end of a round --------------------------------------------------------------------
 
@@ -481,11 +507,15 @@ def _relation(rels: dict, oid: int) -> pgoutput.Relation:
                         "(not pgoutput protocol 1?)") from None
 
 
-def _note_change(d: plan.Decoded, m, rel: pgoutput.Relation, by_name: dict) -> None:
+def _note_change(d: plan.Decoded, m, rel: pgoutput.Relation, by_name: dict,
+                 image_bytes: dict[str, int] | None = None) -> None:
     d.changes += 1
     t = by_name.get((rel.namespace, rel.name))
     if t is None:
         d.unknown.add((rel.namespace, rel.name))
+        return
+    if t.kind == plan.WHOLE and t.checksum and rel.replident == t.replident:
+        _note_rows(d, m, t, image_bytes if image_bytes is not None else {})
         return
     if t.kind != plan.KEYED or rel.replident != t.replident:
         d.whole.add(t.label)
@@ -495,6 +525,28 @@ def _note_change(d: plan.Decoded, m, rel: pgoutput.Relation, by_name: dict) -> N
         d.whole.add(t.label)
     else:
         d.keys.setdefault(t.label, set()).update(kc.keys)
+
+
+def _note_rows(d: plan.Decoded, m, t: plan.Table, image_bytes: dict[str, int]) -> None:
+    """A keyless table kept by checksum: the rows the change removed and added.
+    Until its checksum is taken (baseline) there is nothing to add them to:
+    the checksum will include them, and until then it is compared whole."""
+    if not t.baselined or t.src_sums is None or t.label in d.whole:
+        return
+    images = plan.row_images(m, t.ncols)
+    if isinstance(images, str):
+        d.whole.add(t.label)
+        d.why.setdefault(t.label, images)
+        d.images.pop(t.label, None)
+        return
+    image_bytes[t.label] = image_bytes.get(t.label, 0) + sum(
+        len(v) for _, values in images for v in values if v is not None)
+    if image_bytes[t.label] > IMAGE_BYTES:
+        d.whole.add(t.label)
+        d.why.setdefault(t.label, f"more than {IMAGE_BYTES >> 20} MB of changed rows since the last round")
+        d.images.pop(t.label, None)
+        return
+    d.images.setdefault(t.label, []).extend(images)
 
 
 def _both(fn, src, tgt):
@@ -569,11 +621,12 @@ def run(s: StepSettings, *, final: bool = False, budget: int = 0, stop: threadin
         if not final:  # the final check changes nothing: the cutover drops the tracking right after it
             with rnd.timed("record"):
                 rnd.record(decoded)
+        rnd.why = decoded.why
         exported = plan.Snapshot.parse(meta["snapshot"])
         try:
             with rnd.timed("snapshots"):
                 rnd.target_snapshot()
-                rnd.source_snapshot(exported, decoded.xids)
+                src_snap = rnd.source_snapshot(exported, decoded.xids)
                 keys, whole = plan.pending_groups(rnd.tgt.execute(q.read_pending()).fetchall())
             if final:  # what was just decoded, beside what is pending
                 for label, ks in decoded.keys.items():
@@ -597,9 +650,16 @@ def run(s: StepSettings, *, final: bool = False, budget: int = 0, stop: threadin
             for label, k in keys.items():  # keys of a table compared whole (no key any more, or unknown)
                 if label not in by_label or by_label[label].kind != plan.KEYED:
                     done += [c for cts in k.values() for c in cts]
+            rebased: set[str] = set()
             if budget and not final:
                 with rnd.timed("baseline"):
-                    done += _baseline(rnd, tables, by_label, whole, budget, changed, result)
+                    done += _baseline(rnd, tables, by_label, whole, budget, changed, result, position, src_snap,
+                                      rebased)
+            if any(t.checksum for t in tables):
+                with rnd.timed("checksums"):
+                    rnd.checksums = _checksums(rnd, txns, tables, whole, rebased, position, src_snap, final,
+                                               changed)
+                    result.keyless_rows = sum(n for _, _, n in rnd.checksums.values())
             if inside is not None:
                 with rnd.timed("final"):
                     extra = inside(rnd, tables, keys, whole, differ)
@@ -629,8 +689,10 @@ def run(s: StepSettings, *, final: bool = False, budget: int = 0, stop: threadin
 
 def _whole_markers(rnd: Round, by_label, keys, whole, changed: set) -> list[str]:
     """A keyed table marked "changed as a whole" (TRUNCATE, a key that could not
-    be read, its triggers lost) starts its baseline over; any other table keeps
-    one marker, for verify. Returns the pending rows to delete."""
+    be read, its triggers lost) starts its baseline over; so does a keyless
+    table kept by checksum (TRUNCATE, a change whose rows could not be had):
+    its checksum is taken again, in a round, not in the window. Any other
+    table keeps one marker, for verify. Returns the pending rows to delete."""
     done = []
     for label, ctids in whole.items():
         t = by_label.get(label)
@@ -640,6 +702,14 @@ def _whole_markers(rnd: Round, by_label, keys, whole, changed: set) -> list[str]
             done += ctids
             keys.pop(label, None)  # compared with the baseline; they stay pending until then
             continue
+        if t is not None and t.kind == plan.WHOLE and t.checksum:
+            if t.baselined:
+                why = rnd.why.get(label, "truncated, or its change triggers were lost on the target")
+                log(f"verify: {label}: {why}: its checksum is taken again (read whole in a round, not in the window)")
+            rnd._restart_baseline(t)
+            changed.add(label)
+            done += ctids[1:]  # the last goes when the checksum is taken
+            continue
         if t is not None and t.kind == plan.WHOLE and t.bytes <= plan.WHOLE_ROUND_BYTES:
             rnd._restart_baseline(t)  # small: compared again now, its markers go if it matches
             changed.add(label)
@@ -647,17 +717,26 @@ def _whole_markers(rnd: Round, by_label, keys, whole, changed: set) -> list[str]
     return done
 
 
-def _baseline(rnd: Round, tables, by_label, whole, budget: int, changed: set, result: RoundResult) -> list[str]:
+def _baseline(rnd: Round, tables, by_label, whole, budget: int, changed: set, result: RoundResult,
+              position: int, src_snap: plan.Snapshot, rebased: set) -> list[str]:
     chunks = plan.next_chunks(tables, budget)
     if not chunks:
         return []
     done = []
-    keys, whole_ok, result.buckets_differing = rnd.baseline(chunks, by_label)
+    keys, whole_ok, result.buckets_differing, whole_sums = rnd.baseline(chunks, by_label)
+    columns = {}
+    if any(by_label[c.label].checksum for c in chunks):
+        columns = {label: tuple(rest) for label, *rest in rnd.src.execute(q.COLUMNS, ()).fetchall()}
     for c in chunks:
         t = by_label[c.label]
         t.next_bucket = c.next_bucket
         changed.add(c.label)
         result.baseline.append(c.label)
+        if t.kind == plan.WHOLE and t.checksum:
+            done += _take_checksum(t, whole_sums[c.label], columns.get(c.label), position, src_snap)
+            done += whole.pop(c.label, [])
+            rebased.add(c.label)
+            continue
         if t.kind == plan.WHOLE:
             if whole_ok[c.label]:
                 done += whole.pop(c.label, [])
@@ -668,3 +747,47 @@ def _baseline(rnd: Round, tables, by_label, whole, budget: int, changed: set, re
         if klist:
             rnd.add_pending(label, klist)
     return done
+
+
+def _take_checksum(t: plan.Table, sums: tuple, columns: tuple | None, position: int,
+                   src_snap: plan.Snapshot) -> list[str]:
+    """A keyless table's checksum, taken: the source's in S (the decoded
+    transactions it lacks are those not visible in S), the target's in T (the
+    row deltas visible in T are in it: _checksums deletes them)."""
+    ncols, signature, generated, reg = columns or (0, "", False, False)
+    if generated or reg or ncols < 1:
+        t.kind, t.checksum, t.next_bucket = plan.UNTRACKED, False, None
+        t.why = (f"no usable key, and its row text cannot be rebuilt from decoded changes any more "
+                 f"({'a generated column' if generated else 'a reg* column' if reg else 'no column'})")
+        log(f"verify: {t.label}: {t.why}: compared whole at verify")
+        return []
+    t.src_sums, t.tgt_sums = plan.Sums.of(sums[0]).text(), plan.Sums.of(sums[1]).text()
+    t.sums_at, t.sums_snapshot, t.ncols, t.columns = position, src_snap.text(), ncols, signature
+    return []
+
+
+def _checksums(rnd: Round, txns: list[Txn], tables: list[plan.Table], whole, rebased: set, position: int,
+               src_snap: plan.Snapshot, final: bool, changed: set) -> dict[str, tuple[plan.Sums, plan.Sums, int]]:
+    """Keyless tables kept by checksum, brought to this round's snapshots:
+    source += the rows of each decoded transaction the checksum lacks
+    (plan.delta_applies), target += the row deltas visible in T. Before the
+    freeze the deltas are consumed (deleted in T, the sums saved); the final
+    check only reads them. A table marked changed "as a whole", or whose
+    checksum is not taken (or was taken in this round), is left out."""
+    deltas = {rel: plan.Sums.of(rest) for rel, *rest in
+              rnd.tgt.execute(q.read_deltas() if final else q.consume_deltas()).fetchall()}
+    out = {}
+    for t in tables:
+        if not (t.kind == plan.WHOLE and t.checksum and t.baselined and t.src_sums is not None) \
+                or t.label in whole or t.label in rebased:
+            continue
+        base = plan.Snapshot.parse(t.sums_snapshot)
+        images = [img for x in txns if plan.delta_applies(x.end, x.xid, t.sums_at, base, src_snap)
+                  for img in x.decoded.images.get(t.label, ())]
+        src = plan.Sums.parse(t.src_sums) + (rnd.decoded_sums(images, t.ncols) if images else plan.Sums())
+        tgt = plan.Sums.parse(t.tgt_sums) + deltas.get(t.label, plan.Sums())
+        out[t.label] = (src, tgt, len(images))
+        if not final and (images or t.label in deltas):
+            t.src_sums, t.tgt_sums, t.sums_at = src.text(), tgt.text(), max(position, t.sums_at)
+            changed.add(t.label)
+    return out

@@ -16,6 +16,8 @@ PENDING = "verify_pending"  # (rel, key): a row that changed and is not compared
 TABLES = "verify_tables"  # what the preparation found per table, and the baseline's progress
 META = "verify_meta"  # one row: this run's tracking (slot, publication, the slot's exported snapshot)
 NOTE_WHOLE = "verify_note_whole"  # trigger function: "this table changed" (no usable key, TRUNCATE)
+DELTAS = "verify_deltas"  # (rel, n, h0, h1): +1/-1 and the row hashes of each row a keyless table gained or lost
+NOTE_ROWS = "verify_note_rows"  # trigger function: a keyless table's row changes as +/- row hashes
 KEY_FUNCTION_PREFIX = "verify_k_"  # per table: the trigger function that records the changed rows' keys
 ROW_TRIGGER = "db_upgrade_verify"
 TRUNCATE_TRIGGER = "db_upgrade_verify_truncate"
@@ -53,6 +55,9 @@ NEUTRAL_TYPE_OIDS = frozenset({
     2950,  # uuid
 })
 INTEGER_TYPE_OIDS = frozenset({20, 21, 23})
+# reg* types print their referent's name as the session's search_path makes it
+# (the apply runs with an empty one): a row holding one has no single text.
+REG_TYPE_OIDS = (24, 2202, 2203, 2204, 2205, 2206, 3734, 3769, 4089, 4096, 4191)
 
 
 def ident(label_parts: tuple[str, str]) -> sql.Identifier:
@@ -88,6 +93,26 @@ LEFT JOIN LATERAL (
 ) k ON true
 WHERE c.relkind = 'r' AND {USER_SCHEMAS}
 ORDER BY 1, 2
+"""
+
+
+# Per leaf table: its columns as its row text prints them (count and a
+# signature: names and types in order), and whether that text can be rebuilt
+# from decoded changes: pgoutput leaves out generated columns, and a reg* value
+# prints differently under another search_path.
+_REG = ", ".join(map(str, REG_TYPE_OIDS))
+COLUMNS = f"""
+SELECT format('%%I.%%I', n.nspname, c.relname), count(a.attnum)::int,
+       coalesce(string_agg(format('%%I %%s', a.attname, format_type(a.atttypid, a.atttypmod)), ', '
+                           ORDER BY a.attnum), ''),
+       coalesce(bool_or(a.attgenerated <> ''), false),
+       coalesce(bool_or(ty.oid IN ({_REG}) OR ty.typelem IN ({_REG}) OR ty.typbasetype IN ({_REG})), false)
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_type ty ON ty.oid = a.atttypid
+WHERE c.relkind = 'r' AND {USER_SCHEMAS}
+GROUP BY n.nspname, c.relname
 """
 
 
@@ -176,19 +201,66 @@ CREATE TABLE IF NOT EXISTS {s}.{meta} (
   l0 pg_lsn,
   snapshot text,
   created_at timestamptz NOT NULL DEFAULT clock_timestamp());
+-- Appended by the apply (NOTE_ROWS), consumed by the rounds: no index either.
+CREATE TABLE IF NOT EXISTS {s}.{deltas} (rel text NOT NULL, n smallint NOT NULL, h0 bigint NOT NULL,
+                                         h1 bigint NOT NULL)
+  WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000);
+{columns}
 CREATE OR REPLACE FUNCTION {s}.{whole}() RETURNS trigger LANGUAGE plpgsql AS {d}
 BEGIN
   INSERT INTO {s}.{pending} (rel, key) VALUES (TG_ARGV[0], NULL);
   RETURN NULL;
 END
 {d};
+{rows};
 """).format(s=s, pending=sql.Identifier(PENDING), tables=sql.Identifier(TABLES), meta=sql.Identifier(META),
-            whole=sql.Identifier(NOTE_WHOLE), d=sql.SQL(DOLLAR))
+            whole=sql.Identifier(NOTE_WHOLE), d=sql.SQL(DOLLAR), deltas=sql.Identifier(DELTAS),
+            columns=sql.SQL("").join(sql.SQL("ALTER TABLE {}.{} ADD COLUMN IF NOT EXISTS {} {};\n").format(
+                s, sql.Identifier(TABLES), sql.Identifier(c), sql.SQL(ty)) for c, ty in SUMS_COLUMNS),
+            rows=note_rows_function())
+
+
+# What a keyless table's checksum needs in db_upgrade.verify_tables (added to
+# a table an earlier version made, too: a run prepared by it resumes).
+SUMS_COLUMNS = (("checksum", "boolean"), ("ncols", "int"), ("columns", "text"), ("src_sums", "text"),
+                ("tgt_sums", "text"), ("sums_at", "bigint"), ("sums_snapshot", "text"))
+
+
+def _row_hashes(expr: str) -> str:
+    return f'hashtextextended({expr} COLLATE "C", 0), hashtextextended({expr} COLLATE "C", 1)'
+
+
+def note_rows_function() -> sql.Composed:
+    """The row trigger of a keyless table tracked by its checksum: -1 and the
+    hashes of the old row's text, +1 and those of the new row's, appended in
+    the same transaction as the change. It prints the row as our sessions do
+    (SET clauses: the apply's own settings differ), so that the hashes are
+    those of the row text the baseline summed."""
+    s = sql.Identifier(SCHEMA)
+    settings = sql.SQL(" ").join(
+        sql.SQL("SET {} TO {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in NORMALISED.items())
+    return sql.SQL("""CREATE OR REPLACE FUNCTION {s}.{fn}() RETURNS trigger LANGUAGE plpgsql {settings} AS {d}
+DECLARE
+  r text;
+BEGIN
+  IF TG_OP <> 'INSERT' THEN
+    r := OLD::text;
+    INSERT INTO {s}.{deltas} (rel, n, h0, h1) VALUES (TG_ARGV[0], -1, {hashes});
+  END IF;
+  IF TG_OP <> 'DELETE' THEN
+    r := NEW::text;
+    INSERT INTO {s}.{deltas} (rel, n, h0, h1) VALUES (TG_ARGV[0], 1, {hashes});
+  END IF;
+  RETURN NULL;
+END
+{d}""").format(s=s, fn=sql.Identifier(NOTE_ROWS), settings=settings, d=sql.SQL(DOLLAR),
+               deltas=sql.Identifier(DELTAS), hashes=sql.SQL(_row_hashes("r")))
 
 
 def drop_target_objects() -> list[sql.Composed]:
     s = sql.Identifier(SCHEMA)
-    return [sql.SQL("DROP TABLE IF EXISTS {}.{}").format(s, sql.Identifier(t)) for t in (PENDING, TABLES, META)]
+    return [sql.SQL("DROP TABLE IF EXISTS {}.{}").format(s, sql.Identifier(t))
+            for t in (PENDING, TABLES, META, DELTAS)]
 
 
 def key_function_name(target_oid: int) -> str:
@@ -271,7 +343,8 @@ SELECT format('%%I.%%I', n.nspname, c.relname), c.oid::bigint FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' AND {USER_SCHEMAS}
 """
 OUR_FUNCTIONS = ("SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-                 "WHERE n.nspname = %s AND (p.proname LIKE 'verify\\_k\\_%%' OR p.proname = %s)")
+                 "WHERE n.nspname = %s AND (p.proname LIKE 'verify\\_k\\_%%' OR p.proname = ANY(%s))")
+OUR_FUNCTION_NAMES = [NOTE_WHOLE, NOTE_ROWS]
 TRIGGERED_TABLES = (f"SELECT DISTINCT n.nspname::text, c.relname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
                     f"JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname IN ('{ROW_TRIGGER}', '{TRUNCATE_TRIGGER}')")
 
@@ -290,6 +363,45 @@ def tables_table() -> sql.Composed:
 
 def meta_table() -> sql.Composed:
     return sql.SQL("{}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(META))
+
+
+def deltas_table() -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(DELTAS))
+
+
+_DELTA_SUMS = ("coalesce(sum(n), 0)::text, coalesce(sum(n * h0::numeric), 0)::text, "
+               "coalesce(sum(n * h1::numeric), 0)::text")
+
+
+def consume_deltas() -> sql.Composed:
+    """Per table, the sum of the row deltas visible in this transaction's
+    snapshot, deleted in it (rows the apply appends later stay: not visible,
+    not deleted)."""
+    return sql.SQL("WITH d AS (DELETE FROM {} RETURNING rel, n, h0, h1) SELECT rel, " + _DELTA_SUMS
+                   + " FROM d GROUP BY rel").format(deltas_table())
+
+
+def read_deltas() -> sql.Composed:
+    """The same, read only (the final check changes nothing)."""
+    return sql.SQL("SELECT rel, " + _DELTA_SUMS + " FROM {} GROUP BY rel").format(deltas_table())
+
+
+def decoded_row_sums(ncols: int) -> sql.Composed:
+    """(count, sum of hash seed 0, sum of hash seed 1), signed, of rows given
+    as decoded text values: %s is an int[] of signs (+1 a row gained, -1 a
+    row lost), then one text[] per column. ROW() of the values as text prints
+    exactly what the table's row prints (record_out quotes each column's text
+    the same way whatever its type), and the values are the type's output in a
+    session set as ours (pgoutput prints them in the decoding session)."""
+    if ncols < 1:
+        raise ValueError("a row needs a column")
+    names = [f"c{i}" for i in range(ncols)]
+    row = "ROW(" + ", ".join(f"x.{c}" for c in names) + ")::text"
+    unnests = ", ".join(["unnest(%s::int[])"] + ["unnest(%s::text[])"] * ncols)
+    return sql.SQL(f"SELECT coalesce(sum(x.s), 0)::text, "
+                   f"coalesce(sum(x.s * hashtextextended({row} COLLATE \"C\", 0)::numeric), 0)::text, "
+                   f"coalesce(sum(x.s * hashtextextended({row} COLLATE \"C\", 1)::numeric), 0)::text "
+                   f"FROM ROWS FROM ({unnests}) AS x(s, {', '.join(names)})")
 
 
 def copy_pending() -> sql.Composed:

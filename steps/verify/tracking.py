@@ -3,7 +3,8 @@
 Source: a publication of our own for the decodable application tables and a
 pgoutput slot, created on a replication connection so that its starting point
 comes with an exported snapshot. Target: db_upgrade.verify_* tables and ALWAYS
-triggers recording the key of every row the apply changes.
+triggers recording the key of every row the apply changes (a keyless table
+kept by checksum: the signed hashes of the rows it gained and lost).
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ def catalogue(src: psycopg.Connection, geometry: bool = True) -> list[plan.Table
     """Every leaf table, classified (plan.classify), with its bucket geometry
     (the key's range: one index lookup per table) unless told not to."""
     tables = []
+    columns = {label: tuple(rest) for label, *rest in src.execute(q.COLUMNS, ()).fetchall()}
     for (nsp, rel, label, persistence, replident, rnsp, rrel, pages, size, cols, types, oids,
          primary) in src.execute(q.CATALOGUE, ()).fetchall():
         t = plan.classify(nsp, rel, label, persistence, replident, (rnsp, rrel), pages, size, cols, types, oids,
-                          primary)
+                          primary, columns.get(label))
         if geometry and t.kind == plan.KEYED and t.bucket_kind == "range":
             lo, hi = src.execute(q.key_range(t.parts, t.key_cols[0])).fetchone()
             plan.geometry(t, pages, lo, hi)
@@ -108,8 +110,8 @@ def install_target(s: StepSettings, tables: list[plan.Table], l0: int, snapshot:
     slot, pub = names(s)
     with target(s) as tgt:
         tgt.execute(q.target_ddl())
-        tgt.execute(sql.SQL("TRUNCATE {}, {}, {}").format(q.pending_table(), q.tables_table(),
-                                                                   q.meta_table()))
+        tgt.execute(sql.SQL("TRUNCATE {}, {}, {}, {}").format(q.pending_table(), q.tables_table(),
+                                                                       q.meta_table(), q.deltas_table()))
         oids = dict(tgt.execute(q.TABLE_OIDS, ()).fetchall())
         for t in tables:
             t.target_oid = oids.get(t.label)
@@ -132,6 +134,8 @@ def add_triggers(tgt: psycopg.Connection, t: plan.Table, stop=None) -> None:
     if t.kind == plan.KEYED:
         fn = q.key_function_name(t.target_oid)
         stmts.append(q.key_function(t.target_oid, t.key_cols, t.neutral))
+    elif t.kind == plan.WHOLE and t.checksum:
+        fn = q.NOTE_ROWS
     stmts += q.install_triggers(t.parts, t.label, fn)
     _locked(tgt, stmts, stop, f"installing the change triggers on {t.label}")
 
@@ -160,12 +164,14 @@ def _locked(tgt, stmts, stop, what: str) -> None:
 
 
 TABLE_COLUMNS = ("rel", "nspname", "relname", "kind", "why", "key_cols", "key_types", "neutral", "replident",
-                 "bucket_kind", "width", "first_bucket", "last_bucket", "next_bucket", "bytes", "target_oid")
+                 "bucket_kind", "width", "first_bucket", "last_bucket", "next_bucket", "bytes", "target_oid",
+                 *(c for c, _ in q.SUMS_COLUMNS))
 
 
 def save_table(tgt: psycopg.Connection, t: plan.Table) -> None:
     values = (t.label, t.nspname, t.relname, t.kind, t.why, t.key_cols, t.key_types, t.neutral, t.replident,
-              t.bucket_kind, t.width, t.first_bucket, t.last_bucket, t.next_bucket, t.bytes, t.target_oid)
+              t.bucket_kind, t.width, t.first_bucket, t.last_bucket, t.next_bucket, t.bytes, t.target_oid,
+              *(getattr(t, c) for c, _ in q.SUMS_COLUMNS))
     cols = sql.SQL(", ").join(map(sql.Identifier, TABLE_COLUMNS))
     ph = sql.SQL(", ").join(sql.Placeholder() * len(TABLE_COLUMNS))
     upd = sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
@@ -181,6 +187,7 @@ def load_tables(tgt: psycopg.Connection) -> list[plan.Table]:
     for r in rows:
         d = dict(zip(TABLE_COLUMNS, r))
         d["label"] = d.pop("rel")
+        d["checksum"] = bool(d["checksum"])
         out.append(plan.Table(**d))
     return out
 
@@ -235,7 +242,7 @@ def _teardown_target(s: StepSettings) -> None:
     try:
         with target(s) as tgt:
             tables = [tuple(r) for r in tgt.execute(q.TRIGGERED_TABLES).fetchall()]
-            functions = [r[0] for r in tgt.execute(q.OUR_FUNCTIONS, (q.SCHEMA, q.NOTE_WHOLE)).fetchall()]
+            functions = [r[0] for r in tgt.execute(q.OUR_FUNCTIONS, (q.SCHEMA, q.OUR_FUNCTION_NAMES)).fetchall()]
             stmts = [st for parts in tables for st in q.drop_triggers(parts)]
             stmts += [q.drop_function(fn) for fn in functions] + q.drop_target_objects()
             # One transaction, one round trip: on an idle target (the window) the

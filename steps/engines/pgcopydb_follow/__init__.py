@@ -32,6 +32,7 @@ from steps.pg import connect, fmt_lsn, lsn, origin_progress, pretty_bytes
 ACTIVE_WAIT = 30.0  # follow may still be shutting down after its endpos or a SIGTERM
 HEARTBEAT_TABLE = ("db_upgrade", "heartbeat")  # drain.py's; the db_upgrade schema itself is steps/cleanup.py's
 REACHED_RECHECK = 1.0  # seconds a confirmed run state is trusted by reached()
+FOLLOW_PULSE_FRESH = 25.0  # steps/follow.py pulses every 10 s; under ACTIVE_WAIT, so a killed pod's expires
 SILENT_AFTER = 45.0  # steps/follow.py records follow_alive_at every 10 s while the step runs
 
 
@@ -193,10 +194,15 @@ class PgcopydbFollow(Engine):
                 while True:
                     row = src.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
                                       (s.slot_name,)).fetchone()
-                    if row is None or row[0] is None:
+                    # pgcopydb's receiver reconnects now and then: an idle slot alone does not
+                    # mean follow has stopped; its pulse in the run state says so.
+                    running = self._follow_running()
+                    if row is None or (row[0] is None and running is None):
                         break
                     if time.monotonic() >= deadline:
-                        raise StepError(f"cleanup: replication slot {s.slot_name!r} is still in use by pid {row[0]} "
+                        holder = f"in use by pid {row[0]}" if row[0] is not None else \
+                            f"in use: the follow step is still running (its pulse {running:.0f}s ago)"
+                        raise StepError(f"cleanup: replication slot {s.slot_name!r} is still {holder} "
                                         f"on the source after {ACTIVE_WAIT:.0f}s: stop the follow step first, "
                                         "then run cleanup again")
                     time.sleep(0.5)
@@ -223,6 +229,19 @@ class PgcopydbFollow(Engine):
             raise StepError(f"cleanup: {first}; run cleanup again (it is idempotent)") from None
         log(f"cleanup: no replication slot {s.slot_name!r} on the source, no origin on the target, "
             "no pgcopydb schema or heartbeat table left")
+
+
+    def _follow_running(self) -> float | None:
+        """Seconds since the follow step's last pulse, if it runs: started, not ended
+        since, and pulsing (an OOM-killed pod records no end, so a stale pulse counts
+        as stopped)."""
+        st = state.try_load(self.s)
+        if st is None or not st.follow_attempt_at or not st.follow_alive_at:
+            return None
+        if max(st.follow_done_at or 0, st.follow_failed_at or 0) >= st.follow_attempt_at:
+            return None
+        since = time.time() - st.follow_alive_at
+        return since if since < FOLLOW_PULSE_FRESH else None
 
 
 def _drop_schema_and_heartbeat(conn: psycopg.Connection) -> None:
