@@ -197,6 +197,9 @@ def main(argv=None) -> None:
 
 
 def run(a) -> None:
+    import psycopg
+    from psycopg import sql
+
     from bench import report, servers
     from bench.scenarios import Context
     from bench.scenarios import apply as apply_s
@@ -237,6 +240,8 @@ def run(a) -> None:
         servers.drop_leftovers(pair, log)
         workload.ensure_app_role(pair.source.uri())
         workload.ensure_app_role(pair.target.uri())
+        with psycopg.connect(pair.target.uri(), autocommit=True) as conn:  # a killed bench's fence (kept servers)
+            conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(workload.APP_ROLE)))
         if a.templates_only:
             for key in templates_needed(todo):
                 WORKLOADS[key[0]].ensure_template(pair.source.uri(), key[1], log)

@@ -240,8 +240,27 @@ def errors(runs: list[dict]) -> list[str]:
                                f"{r['error'][:400]}" for r in bad]
 
 
+CELL = ("scenario", "engine", "tool", "workload", "size", "rate", "delay")
+
+
+def latest_code(runs: list[dict]) -> tuple[list[dict], int]:
+    """Per cell, only the runs of the steps/ code its newest run measured: a cell
+    run again after a change of steps/ supersedes its earlier runs. Returns the
+    runs kept and how many were left out."""
+    newest: dict[tuple, dict] = {}
+    for r in runs:
+        cell = tuple(r.get(k) for k in CELL)
+        if cell not in newest or (r.get("finished_at") or "") >= (newest[cell].get("finished_at") or ""):
+            newest[cell] = r
+    kept = [r for r in runs if r.get("steps_sha256") == newest[tuple(r.get(k) for k in CELL)].get("steps_sha256")]
+    return kept, len(runs) - len(kept)
+
+
 def summarize(runs: list[dict]) -> list[str]:
+    runs, superseded = latest_code(runs)
     out: list[str] = []
+    if superseded:
+        out += ["", f"({superseded} run(s) of cells measured again on a later steps/ code are left out)"]
     for part in (done_when(runs), downtime_table(runs), verify_table(runs), drained_table(runs), before_table(runs),
                  copy_table(runs),
                  apply_table(runs), memory_table(runs), errors(runs)):

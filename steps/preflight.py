@@ -297,7 +297,8 @@ WHERE collname = ANY(%s) AND collnamespace = 'pg_catalog'::regnamespace
 
 # App roles on the target, with what the connecting role may do to them.
 APP_ROLES = """SELECT r.rolname, r.rolsuper, r.rolreplication,
-       pg_has_role(current_user, r.oid, 'MEMBER WITH ADMIN OPTION'), pg_has_role(current_user, r.oid, 'USAGE')
+       pg_has_role(current_user, r.oid, 'MEMBER WITH ADMIN OPTION'), pg_has_role(current_user, r.oid, 'USAGE'),
+       r.rolcanlogin
 FROM pg_roles r WHERE r.rolname = ANY(%s)"""
 ROLES_PRESENT = "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)"
 
@@ -395,6 +396,7 @@ class AppRole(NamedTuple):
     replication: bool
     admin: bool  # the connecting role has ADMIN OPTION on it
     privileges: bool  # the connecting role has its privileges (may end its sessions)
+    can_login: bool = True
 
 
 PROVIDERS = {"c": "libc", "i": "icu", "b": "builtin", "d": "default"}
@@ -545,8 +547,9 @@ def judge_identity(tables: list[TableIdentity]) -> list[Finding]:
         out.append(note(f"{len(keyless)} table(s) without a usable key (REPLICA IDENTITY FULL, no primary key): "
                         + "; ".join(_table_line(t) for t in keyless[:10])
                         + ("; ..." if len(keyless) > 10 else "")
-                        + ". verify re-reads each of them whole in every round, the frozen window included; "
-                        "a primary key avoids both costs"))
+                        + ". verify keeps a checksum of each current from its changes (the frozen window "
+                        "re-reads one whole only after a TRUNCATE, over 64 MB of its rows changed since the last "
+                        "round, or with a generated or reg* column); a primary key is cheaper for both"))
     return out
 
 
@@ -664,7 +667,7 @@ def fence_blocker(target_major: int, me: RoleFacts, role: AppRole) -> str | None
 
 
 def judge_app_roles(wanted: list[str], on_source: set[str], on_target: dict[str, AppRole], me: RoleFacts | None,
-                    target_major: int) -> list[Finding]:
+                    target_major: int, fenced_by_this_run: frozenset[str] = frozenset()) -> list[Finding]:
     if not wanted:
         return [note("DB_UPGRADE_APP_ROLES is not set: the target is not fenced, so an application that reaches it "
                      "before the switch writes there while replication still applies")]
@@ -682,6 +685,14 @@ def judge_app_roles(wanted: list[str], on_source: set[str], on_target: dict[str,
         blocked = [(r, why) for r, why in blocked if why]
         if blocked:
             out.append(problem("the target cannot be fenced: " + "; ".join(f"{r!r} {why}" for r, why in blocked)))
+    # The fence gives LOGIN back only to roles that had it: one left NOLOGIN (by an
+    # interrupted run's fence, most often) would refuse the applications after the switch.
+    nologin = [r for r in wanted if r in on_target and not on_target[r].can_login and r not in fenced_by_this_run]
+    if nologin:
+        out.append(problem(f"application role(s) {', '.join(map(repr, nologin))} cannot log in to the target "
+                           "(NOLOGIN): the applications would be refused there after the switch; if an interrupted "
+                           "run fenced them, run its cleanup step (same DB_UPGRADE_RUN_ID), else ALTER ROLE ... LOGIN "
+                           "on the target"))
     if not out:
         out.append(fine(f"application role(s) {', '.join(map(repr, wanted))} exist on both sides and role "
                         f"{me.name!r} may fence them on the target (NOLOGIN until the switch)"))
@@ -965,7 +976,8 @@ def check_pair(s: StepSettings, src: psycopg.Connection, tgt: psycopg.Connection
     wanted = fence.roles(s)
     on_source = {n for (n,) in src.execute(ROLES_PRESENT, (wanted,))} if wanted else set()
     on_target = {row[0]: AppRole(*row) for row in tgt.execute(APP_ROLES, (wanted,))} if wanted else {}
-    r.add(*judge_app_roles(wanted, on_source, on_target, tgt_me, tv))
+    st = state.try_load(s) if mid_run else None
+    r.add(*judge_app_roles(wanted, on_source, on_target, tgt_me, tv, frozenset((st.fenced_roles if st else None) or {})))
     r.add(judge_leftovers(_leftovers(s, src, tgt), mid_run, s.slot_name))
 
 

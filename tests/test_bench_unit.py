@@ -107,3 +107,12 @@ def test_memory_tree_follows_descendants_only():
     parents = {1: 0, 10: 1, 11: 10, 12: 11, 20: 1, 21: 20}
     assert sorted(tree(10, parents)) == [10, 11, 12]
     assert tree(99, parents) == []
+
+
+def test_a_cell_measured_again_on_newer_code_supersedes_its_older_runs():
+    old = [{**_cut(2.0), "steps_sha256": "aaa", "finished_at": "2026-12-01T10:00:00Z"} for _ in range(3)]
+    new = [{**_cut(0.7), "steps_sha256": "bbb", "finished_at": "2026-12-01T13:00:00Z"} for _ in range(2)]
+    other = {**_cut(1.0, engine="pgcopydb-follow"), "steps_sha256": "aaa", "finished_at": "2026-12-01T09:00:00Z"}
+    kept, left_out = report.latest_code(old + new + [other])
+    assert left_out == 3 and kept == new + [other]  # the other cell keeps its runs on the older code
+    assert "median 0.70 s over 2 run(s)" in "\n".join(report.summarize(old + new))

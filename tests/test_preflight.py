@@ -544,3 +544,24 @@ def test_rerun_during_a_run_keeps_its_record(sample, tmp_path, capsys):
     assert has(lines(out, "ok"), "copied by this run")
     rec = state.load(s)
     assert (rec.started_at, rec.follow_started_at) == (1.0, 2.0)
+
+
+def test_an_application_role_left_nologin_on_the_target(sample, tmp_path, capsys):
+    """An interrupted run's fence (or a mistake) left the application role NOLOGIN on the
+    target: the fence gives LOGIN back only to roles that had it, so the applications
+    would be refused after the switch. Preflight says so, unless this run's own fence did it."""
+    src, tgt = sample[:2]
+    s = sample_settings(sample, tmp_path)
+    role = sql.Identifier(workload.APP_ROLE)
+    with psycopg.connect(tgt, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(role))
+    try:
+        error, out = run(s, capsys)
+        assert error and has(lines(out, "problem"), repr(workload.APP_ROLE), "cannot log in to the target",
+                             "run its cleanup step"), out
+        state.record(s, follow_started_at=2.0, fenced_roles={workload.APP_ROLE: True})  # this run fenced it
+        error, out = run(s, capsys)
+        assert not has(lines(out, "problem"), "cannot log in to the target"), out
+    finally:
+        with psycopg.connect(tgt, autocommit=True) as conn:
+            conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(role))

@@ -248,7 +248,7 @@ def test_keyless_full_tables_listed_with_size_and_index():
     assert text.index("public.big") < text.index("public.small")  # biggest first
     assert "10.0 MB, ~100,000 rows; the target's apply can use index big_at_idx" in text
     assert "public.small (8.0 kB, ~3 rows; no index the target's apply can use" in text
-    assert "full_with_pk" not in text and "verify re-reads" in text
+    assert "full_with_pk" not in text and "verify keeps a checksum" in text
 
 
 def test_judge_unreplicated():
@@ -327,6 +327,11 @@ def test_judge_app_roles():
     assert kinds(out) == ["problem", "problem"] and "'gone'" in out[0].text and "target" in out[0].text
     out = p.judge_app_roles(["app"], {"app"}, {"app": APP._replace(superuser=True)}, CREATOR, 17)
     assert kinds(out) == ["problem"] and "cannot be fenced" in out[0].text
+    # NOLOGIN on the target: refused after the switch, unless this run's own fence made it so
+    out = p.judge_app_roles(["app"], {"app"}, {"app": APP._replace(can_login=False)}, CREATOR, 17)
+    assert kinds(out) == ["problem"] and "'app' cannot log in to the target" in out[0].text
+    assert kinds(p.judge_app_roles(["app"], {"app"}, {"app": APP._replace(can_login=False)}, CREATOR, 17,
+                                   frozenset({"app"}))) == ["ok"]
 
 
 def test_judge_leftovers_and_other_runs():
