@@ -267,3 +267,34 @@ def summarize(runs: list[dict]) -> list[str]:
         if part:
             out += ["", *part]
     return out
+
+
+def done_when_rows(runs: list[dict]) -> list[str]:
+    """The README's Performance table: issue 13's cells, one row per workload and size, with the
+    window's parts (runs of the newest steps/ code per cell)."""
+    runs, _ = latest_code(runs)
+    rs = [r for r in runs if r.get("scenario") == "cutover" and r["engine"] == "native" and r["rate"] == 500
+          and r["delay"] == 120]
+    rows = []
+    for wl, size in sorted(dict.fromkeys((r["workload"], r["size"]) for r in rs), key=lambda c: (c[1], c[0])):
+        every = [r for r in rs if (r["workload"], r["size"]) == (wl, size)]
+        ok = _ok(every)
+        if not ok:
+            rows.append(f"| {wl} | {size} | never caught up ({len(every)} run(s)) | - | - | - | - | - | - | - |")
+            continue
+
+        def m(get):
+            return median([get(r) for r in ok])
+
+        t = lambda r, k: (r.get("timings") or {}).get(k)  # noqa: E731
+        failed = f", {len(every) - len(ok)} failed" if len(every) > len(ok) else ""
+        rows.append(
+            f"| {wl} | {size} | **{_f(m(lambda r: r.get('app_downtime_s')))}** "
+            f"({', '.join(_f(r.get('app_downtime_s')) for r in ok)}{failed}) | "
+            f"{_f(m(lambda r: r.get('freeze_s')), 3)} | "
+            f"{_f(m(lambda r: (t(r, 'end_position') or 0) + (t(r, 'drain') or 0)), 3)} | "
+            f"{_f(m(lambda r: t(r, 'sequences')), 3)} | {_f(m(lambda r: t(r, 'verify')), 3)} | "
+            f"{_f(m(lambda r: t(r, 'verify_teardown')), 3)} | "
+            f"{_f(m(lambda r: (r.get('switch_s') or 0) + (r.get('app_reconnect_s') or 0)), 3)} | "
+            f"{_f(m(lambda r: r.get('verify_keys_rechecked')), 0)} |")
+    return rows

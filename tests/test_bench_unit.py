@@ -116,3 +116,13 @@ def test_a_cell_measured_again_on_newer_code_supersedes_its_older_runs():
     kept, left_out = report.latest_code(old + new + [other])
     assert left_out == 3 and kept == new + [other]  # the other cell keeps its runs on the older code
     assert "median 0.70 s over 2 run(s)" in "\n".join(report.summarize(old + new))
+
+
+def test_readme_rows_name_each_done_when_cell_with_its_parts():
+    runs = [{**_cut(d), "freeze_s": 0.02, "switch_s": 0.01, "app_reconnect_s": 0.05, "verify_keys_rechecked": 500}
+            for d in (0.4, 0.5, 0.6)] + [_cut(None, error="boom"), _cut(None, error="lag", workload="writer")]
+    rows = report.done_when_rows(runs)
+    assert len(rows) == 2
+    tpcb = next(r for r in rows if r.startswith("| tpcb"))
+    assert "**0.50** (0.40, 0.50, 0.60, 1 failed)" in tpcb and "| 0.030 |" in tpcb and "| 0.060 |" in tpcb
+    assert next(r for r in rows if r.startswith("| writer")).startswith("| writer | 1GB | never caught up")
