@@ -4,7 +4,9 @@ gets its own databases on them."""
 
 import os
 import secrets
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -72,3 +74,15 @@ def kube(tmp_path, monkeypatch):
         monkeypatch.setenv("KUBECONFIG", str(fake.write_kubeconfig(tmp_path / "kubeconfig")))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         yield fake
+
+
+@contextmanager
+def tmpfs_volume(path: Path, size: str):
+    """A small work volume (a tmpfs at `path`) to fill up; skips the test where mounting needs root."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)])

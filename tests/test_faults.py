@@ -29,7 +29,7 @@ from steps.engines.pgcopydb_follow import PgcopydbFollow
 from steps.errors import StepError
 from steps.pg import lsn
 from steps.settings import load_settings
-from tests.conftest import DB_UPGRADE, step_env
+from tests.conftest import DB_UPGRADE, step_env, tmpfs_volume
 from tests.digests import table_digests
 
 pytestmark = pytest.mark.slow
@@ -586,14 +586,8 @@ def test_server_restarts_during_follow(pair, dbs, tmp_path):
 
 @pytest.fixture
 def small_volume(tmp_path):
-    mnt = tmp_path / "volume"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs_volume(tmp_path / "volume", "12m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)])
 
 
 def test_work_volume_full(pair, dbs, tmp_path, small_volume):

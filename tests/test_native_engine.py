@@ -23,7 +23,7 @@ from local import workload
 from steps import cleanup, cutover, engines, finish, freeze, grant, state
 from steps.errors import StepError
 from steps.settings import load_settings
-from tests.conftest import DB_UPGRADE, step_env
+from tests.conftest import DB_UPGRADE, step_env, tmpfs_volume
 from tests.digests import sequences_not_behind
 from tests.digests import table_digests as digests
 
@@ -384,20 +384,14 @@ def test_a_rehearsal_cutover_predicts_the_window_and_freezes_nothing(pair, dbs, 
 @pytest.fixture
 def full_volume(tmp_path):
     """A work volume with (almost) no room: a tmpfs of 16 MB, filled."""
-    mnt = tmp_path / "volume"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    filler = mnt / "filler"
-    try:
-        with open(filler, "wb") as f:
-            f.write(b"\0" * (16 * 1024 * 1024))
-    except OSError:
-        pass
-    try:
+    with tmpfs_volume(tmp_path / "volume", "16m") as mnt:
+        filler = mnt / "filler"
+        try:
+            with open(filler, "wb") as f:
+                f.write(b"\0" * (16 * 1024 * 1024))
+        except OSError:
+            pass
         yield mnt, filler
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)])
 
 
 def test_a_full_work_volume_during_the_copy_is_one_line_and_a_rerun_starts_over(pair, dbs, tmp_path, full_volume):
