@@ -213,9 +213,14 @@ def memory_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def _done_when_cells(runs: list[dict]) -> list[dict]:
+    """Issue 13's cells: the default engine, 500 writes/s, the cutover 120 s after the catch-up."""
+    return [r for r in runs if r.get("scenario") == "cutover" and r["engine"] == "native" and r["rate"] == 500
+            and r["delay"] == 120]
+
+
 def done_when(runs: list[dict]) -> list[str]:
-    rs = [r for r in runs if r.get("scenario") == "cutover" and r["engine"] == "native" and r["rate"] == 500
-          and r["delay"] == 120]
+    rs = _done_when_cells(runs)
     if not rs:
         return []
     lines = [f"Issue 13's done-when cells (native, 500 writes/s, cutover 120 s after catch-up; target median "
@@ -273,8 +278,7 @@ def done_when_rows(runs: list[dict]) -> list[str]:
     """The README's Performance table: issue 13's cells, one row per workload and size, with the
     window's parts (runs of the newest steps/ code per cell)."""
     runs, _ = latest_code(runs)
-    rs = [r for r in runs if r.get("scenario") == "cutover" and r["engine"] == "native" and r["rate"] == 500
-          and r["delay"] == 120]
+    rs = _done_when_cells(runs)
     rows = []
     for wl, size in sorted(dict.fromkeys((r["workload"], r["size"]) for r in rs), key=lambda c: (c[1], c[0])):
         every = [r for r in rs if (r["workload"], r["size"]) == (wl, size)]

@@ -124,6 +124,17 @@ class RunState(BaseModel):
     rollback_error: str | None = None
     rolled_back_at: float | None = None
 
+    def follow_pulse_age(self, fresh: float) -> float | None:
+        """Seconds since the follow step's pulse while it runs (started, no end recorded since,
+        pulsed within `fresh` seconds), else None: an OOM-killed pod records no end, so a stale
+        pulse counts as stopped."""
+        if not self.follow_attempt_at or not self.follow_alive_at:
+            return None
+        if max(self.follow_done_at or 0, self.follow_failed_at or 0) >= self.follow_attempt_at:
+            return None
+        age = time.time() - self.follow_alive_at
+        return age if age < fresh else None
+
 
 FIELDS = frozenset(RunState.model_fields)
 

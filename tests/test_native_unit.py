@@ -91,3 +91,18 @@ def test_a_timed_out_approval_does_not_cut_over():
     # approval=auto (skipped node) or a local run: nothing to check.
     check_approval(load_settings(approval_started_at="", approval_finished_at="{{tasks.approve.finishedAt}}",
                                  approval_timeout="3600"))
+
+
+def test_the_follow_pulse_counts_only_while_the_step_runs():
+    import time as _t
+
+    from steps.state import RunState
+
+    now = _t.time()
+    running = RunState(follow_attempt_at=now - 30, follow_alive_at=now - 5)
+    assert 4 < running.follow_pulse_age(25) < 6
+    assert running.model_copy(update={"follow_alive_at": now - 40}).follow_pulse_age(25) is None  # killed pod
+    assert running.model_copy(update={"follow_done_at": now - 1}).follow_pulse_age(25) is None
+    assert running.model_copy(update={"follow_failed_at": now - 1}).follow_pulse_age(25) is None
+    assert running.model_copy(update={"follow_done_at": now - 60}).follow_pulse_age(25) is not None  # an earlier run's end
+    assert RunState().follow_pulse_age(25) is None

@@ -196,7 +196,8 @@ class PgcopydbFollow(Engine):
                                       (s.slot_name,)).fetchone()
                     # pgcopydb's receiver reconnects now and then: an idle slot alone does not
                     # mean follow has stopped; its pulse in the run state says so.
-                    running = self._follow_running()
+                    st = state.try_load(s)
+                    running = st.follow_pulse_age(FOLLOW_PULSE_FRESH) if st else None
                     if row is None or (row[0] is None and running is None):
                         break
                     if time.monotonic() >= deadline:
@@ -229,19 +230,6 @@ class PgcopydbFollow(Engine):
             raise StepError(f"cleanup: {first}; run cleanup again (it is idempotent)") from None
         log(f"cleanup: no replication slot {s.slot_name!r} on the source, no origin on the target, "
             "no pgcopydb schema or heartbeat table left")
-
-
-    def _follow_running(self) -> float | None:
-        """Seconds since the follow step's last pulse, if it runs: started, not ended
-        since, and pulsing (an OOM-killed pod records no end, so a stale pulse counts
-        as stopped)."""
-        st = state.try_load(self.s)
-        if st is None or not st.follow_attempt_at or not st.follow_alive_at:
-            return None
-        if max(st.follow_done_at or 0, st.follow_failed_at or 0) >= st.follow_attempt_at:
-            return None
-        since = time.time() - st.follow_alive_at
-        return since if since < FOLLOW_PULSE_FRESH else None
 
 
 def _drop_schema_and_heartbeat(conn: psycopg.Connection) -> None:
