@@ -13,6 +13,7 @@ operator sees for each fault.
 
 import errno
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -61,6 +62,11 @@ def reset_app_role(uri: str) -> None:
     with psycopg.connect(uri, autocommit=True) as conn:
         conn.execute(sql.SQL("ALTER ROLE {} RESET default_transaction_read_only").format(
             sql.Identifier(workload.APP_ROLE)))
+
+
+def quote_ident(name: str) -> str:
+    """As PostgreSQL's format('%I') prints a name (verify's labels): quoted only when it must be."""
+    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else '"' + name.replace('"', '""') + '"'
 
 
 class Run:
@@ -262,7 +268,7 @@ class Run:
         if diff:
             # Never silent: the gate must name every table the independent digest sees differ.
             assert isinstance(report, Exception), f"verify passed but source != target: {diff}"
-            assert all(f"shop.{t}" in str(report) for t in diff), (diff, str(report))
+            assert all(f"shop.{quote_ident(t)}" in str(report) for t in diff), (diff, str(report))
         assert not diff, f"source != target after the run (verify caught it: {report}): {diff}"
         assert not isinstance(report, Exception), report
         assert report.ok

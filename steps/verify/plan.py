@@ -223,7 +223,6 @@ class Decoded:
     unknown: set[tuple[str, str]] = field(default_factory=set)  # (nspname, relname) not in the preparation
     xids: list[int] = field(default_factory=list)  # top-level 32-bit xids of the decoded transactions
     changes: int = 0
-    last_end: int = 0  # the end of the last decoded commit record
     # Keyless tables kept by checksum: the rows each change removed (-1) and
     # added (+1), as decoded text values (one transaction's, before merge)
     images: dict[str, list[tuple[int, tuple]]] = field(default_factory=dict)
@@ -238,7 +237,6 @@ class Decoded:
         self.unknown |= other.unknown
         self.xids += other.xids
         self.changes += other.changes
-        self.last_end = max(self.last_end, other.last_end)
 
 
 def pending_groups(rows: list[tuple[str, str, list | None]]) -> tuple[dict[str, dict[tuple, list[str]]], dict[str, list[str]]]:

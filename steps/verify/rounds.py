@@ -269,7 +269,6 @@ class Round:
                 elif isinstance(m, pgoutput.Commit):
                     cur_txn.end = m.end_lsn
                     cur_txn.decoded.xids.append(cur_txn.xid)
-                    cur_txn.decoded.last_end = m.end_lsn
                     txns.append(cur_txn)
                     cur_txn = None
                 elif isinstance(m, pgoutput.Relation):
