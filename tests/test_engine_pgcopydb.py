@@ -72,6 +72,31 @@ def test_copy_bytes_none_without_a_catalog_or_sizes(tmp_path):
     assert catalog.copy_bytes(tmp_path / "empty") is None
 
 
+def test_durable_position_is_the_highest_whole_message_in_the_latest_files(tmp_path):
+    """What repair.confirmed_beyond_volume compares with the slot: the maximum
+    (not the last) LSN of pgcopydb 0.17's envelope lines, in the file being
+    written or, if that holds nothing yet, the one before; inner JSON ignored."""
+    from steps.engines.pgcopydb_follow.repair import durable_position
+
+    cdc = tmp_path / "cdc"
+    cdc.mkdir()
+    assert durable_position(tmp_path) == 0
+    (cdc / "000000010000000000000002.json").write_text(
+        '{"action":"B","xid":"901","lsn":"0/2FFFF00","timestamp":"t","message":{"xid":901}}\n'
+        '{"action":"C","xid":"901","lsn":"0/2FFFF80","timestamp":"t","message":{"xid":901,"lsn":"9/0"}}\n')
+    partial = cdc / "000000010000000000000003.json.partial"
+    partial.write_text("")
+    (cdc / "latest").symlink_to(partial)
+    assert durable_position(tmp_path) == 0x2FFFF80
+    partial.write_text(
+        '{"action":"C","xid":"902","lsn":"0/3000400","timestamp":"t","message":{"xid":902}}\n'
+        '{"action":"I","xid":"903","lsn":"0/30001A0","timestamp":"t","message":{"lsn":"F/FFFFFFFF"}}\n'
+        '{"action":"K","lsn":"0/3000300","timestamp":"t"}\n')
+    assert durable_position(tmp_path) == 0x3000400  # the COMMIT, above the later lines
+    (cdc / "900.json").write_text('{"xid":900,"commit_lsn":"A/0"}')  # transaction metadata: not a CDC file
+    assert durable_position(tmp_path) == 0x3000400
+
+
 def test_an_end_is_stale_once_writes_were_restored_after_it():
     from steps.engines.pgcopydb_follow.follow import stale_end
 

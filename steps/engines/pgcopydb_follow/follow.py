@@ -23,7 +23,7 @@ import threading
 import psycopg
 
 from steps import pgcopydb, state
-from steps.engines.pgcopydb_follow import catalog, sentinel
+from steps.engines.pgcopydb_follow import catalog, repair, sentinel
 from steps.errors import StepError
 from steps.log import log
 from steps.pg import connect, fmt_lsn, lsn, origin_progress
@@ -175,8 +175,6 @@ def _follow(s: StepSettings, workdir) -> None:
             return
     resume = False
     if st.follow_started_at:
-        from steps.engines.pgcopydb_follow import repair
-
         resume = repair.prepare_resume(s)
     else:
         if st.end_position:
@@ -199,8 +197,6 @@ def _follow(s: StepSettings, workdir) -> None:
             return
         if attempt == RECONNECT_RESUMES:
             break
-        from steps.engines.pgcopydb_follow import repair
-
         log("follow: resuming after the lost replication connection (repair, then pgcopydb --resume)")
         resume = repair.prepare_resume(s)
     error = (f"follow: pgcopydb lost its replication connection {RECONNECT_RESUMES + 1} times; check the source "
@@ -244,6 +240,7 @@ def _run_pgcopydb(s: StepSettings, workdir, resume: bool) -> str:
                      copy_bytes_done=None, copy_bytes_total=None, follow_done_at=None, follow_failed_at=None,
                      follow_error=None)
         copy_done = False
+    repair.mark_running(workdir)
     run = pgcopydb.Session(argv, env, "follow").__enter__()
     proc, stopping = run.proc, run.stopping
     reconnect = threading.Event()
@@ -281,6 +278,7 @@ def _run_pgcopydb(s: StepSettings, workdir, resume: bool) -> str:
                 log("follow: the initial copy is done; pgcopydb applies the changes made since")
     finally:
         run.__exit__(None, None, None)
+        repair.mark_exited(workdir)
         done.set()
     rc, last_error, disk_full = run.rc, run.first_error, run.disk_full
     sen = sentinel.read(s)
@@ -289,8 +287,6 @@ def _run_pgcopydb(s: StepSettings, workdir, resume: bool) -> str:
         # Stuck, or pgcopydb exited right after its apply said so (measured on an
         # abort under writes: transform's "Broken pipe" once the apply had
         # stopped, exit 12): either way the apply reached the endpos.
-        from steps.engines.pgcopydb_follow import repair
-
         repair.mark_endpos_replayed(workdir, loop.endpos_text)
         log(f"follow: pgcopydb's apply reached the endpos {loop.endpos_text} (the last change before it at "
             f"{loop.at_text}); recorded replay_lsn = endpos in pgcopydb's sentinel")

@@ -18,14 +18,17 @@ Which choice is safe depends on whether the initial copy had finished, which
 pgcopydb records itself: the sentinel's `apply` flag is set only once every
 table, index, constraint and the post-data section are done.
 
-- Copy finished (apply on): changes are applied through a replication origin
-  that advances in the same transaction as each applied change, so a resume can
-  be exact, once the dir is repaired (each measured to lose, duplicate or fail
+- Copy finished (apply on), and pgcopydb was seen to stop (see died_unseen): changes
+  are applied through a replication origin that advances in the same
+  transaction as each applied change, so a resume can be exact, unless the
+  source was told of changes the volume never got (confirmed_beyond_volume), and
+  once the dir is repaired (each measured to lose, duplicate or fail
   without it; see each function): pidfiles removed, a torn last JSON line cut,
   a `.partial` JSON promoted over its older `.json` (or dropped if it is a cut
   short copy of it), an unfinished last transaction cut, the SQL files from the
   apply's resume position on rewritten from the JSON, the dead run's catalog
-  entries removed. README.md ("Failure modes") has the operator's view.
+  entries removed. docs/engine-pgcopydb.md has the operator's view.
+- Otherwise the copy starts over, as below.
 - Copy not finished: resuming would copy the unfinished tables with a *new*
   snapshot (`--not-consistent`) while the slot replays every change since the
   *first* snapshot on top of them. pgcopydb applies INSERTs without ON CONFLICT,
@@ -39,6 +42,7 @@ table, index, constraint and the post-data section are done.
 """
 
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -46,10 +50,35 @@ from pathlib import Path
 from steps import pgcopydb, state, target
 from steps.errors import StepError
 from steps.log import log
-from steps.pg import connect
+from steps.pg import connect, fmt_lsn, lsn, origin_progress
 from steps.settings import StepSettings
 
 SLOT_RELEASE_WAIT = 90.0  # wal_sender_timeout (60 s by default) ends a walsender whose client vanished
+
+
+RUNNING_MARK = "db-upgrade.pgcopydb-running"
+
+
+def mark_running(workdir: Path) -> None:
+    """Before pgcopydb starts: the mark stays if it is never seen to exit."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / RUNNING_MARK).touch()
+
+
+def mark_exited(workdir: Path) -> None:
+    (workdir / RUNNING_MARK).unlink(missing_ok=True)  # an unlink needs no space on a full volume
+
+
+def died_unseen(workdir: Path) -> bool:
+    """Was the earlier pgcopydb killed with the step (SIGKILL, OOM, a lost node)
+    rather than stopped? After such a death pgcopydb 0.17's resume loses or
+    re-applies changes even with every repair below. Measured, SIGKILL of the
+    whole tree under writes, then a resume: 2 runs in 15 ended with an INSERT
+    lost or an UPDATE undone on the target (6 in 41 over two days), while the
+    slot, the CDC files and the SQL files agreed with each other. Resumes after
+    pgcopydb was stopped (SIGTERM, a lost connection, a server restart) were
+    exact in the same runs."""
+    return (workdir / RUNNING_MARK).exists()
 
 
 def copy_finished(workdir: Path) -> bool:
@@ -185,6 +214,64 @@ def cut_open_transaction(workdir: Path) -> list[str]:
             "the source sends it again, whole"]
 
 
+_MESSAGE_LSN = re.compile(rb'^\{"action":"[A-Z]",(?:"xid":"\d+",)?"lsn":"([0-9A-F]+)/([0-9A-F]+)"', re.M)
+
+
+def durable_position(workdir: Path) -> int:
+    """The highest LSN of a whole message in the CDC file being written (0 if none).
+
+    Called after repair_cdc_files, so every line counted is complete. Line LSNs
+    are not in order (a change carries its own record's LSN, which can be below
+    an earlier transaction's COMMIT), hence the maximum, as pgcopydb's own
+    written_lsn is."""
+    cdc = workdir / "cdc"
+    latest = cdc / "latest"
+    files = [latest.resolve()] if latest.exists() else []
+    if cdc.is_dir():
+        # A file opened at a segment switch may hold nothing durable yet: the one before it counts then.
+        named = sorted(f for f in cdc.iterdir() if f.name.endswith((".json", ".json.partial"))
+                       and len(f.name.split(".", 1)[0]) == 24 and not f.is_symlink())
+        files += [f for f in named[-2:] if f not in files]
+    best = 0
+    for f in files:
+        data = f.read_bytes()
+        for m in _MESSAGE_LSN.finditer(data):
+            best = max(best, (int(m[1], 16) << 32) | int(m[2], 16))
+    return best
+
+
+def slot_confirmed_position(s: StepSettings) -> int:
+    """How far the source was told the changes are safely stored (0 if it does not say)."""
+    with connect(s.source(), "source") as src:
+        row = src.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                          (s.slot_name,)).fetchone()
+    return lsn(row[0]) if row and row[0] else 0
+
+
+def confirmed_beyond_volume(s: StepSettings) -> str | None:
+    """Why resuming would lose changes, or None.
+
+    pgcopydb 0.17 reports a flush to the source once it has fsync()ed the CDC
+    file's descriptor, but writes through a stdio buffer it never fflush()es
+    first (ld_stream.c: streamFlush; write_to_stream). Up to a buffer of
+    messages the source counts as stored is in memory only; when the process is
+    killed, or the work volume fills and fclose() fails ("Failed to close file
+    ... No space left on device"), they are gone. The slot does not send them
+    again (it resumes at its confirmed position), so a resume silently misses
+    those transactions (measured: a change lost in 3 runs of 40 of the
+    full-volume fault test; none in 37 with this check, 6 of which started
+    over). Whether the lost messages held a COMMIT cannot be told from here,
+    so any gap counts."""
+    confirmed, durable = slot_confirmed_position(s), durable_position(s.workdir())
+    if not confirmed or not durable or confirmed <= durable:
+        log(f"follow: repair: the work volume holds every change the source counts as stored (slot confirmed at "
+            f"{fmt_lsn(confirmed)}, volume up to {fmt_lsn(durable)})")
+        return None
+    return (f"the source's replication slot {s.slot_name!r} counts changes up to {fmt_lsn(confirmed)} as stored, "
+            f"but the work volume holds them only up to {fmt_lsn(durable)} (pgcopydb 0.17 confirms what is still in "
+            "its write buffer, and the interrupted run lost that buffer): the slot will not send those changes again")
+
+
 def _segment(position: int, workdir: Path) -> str | None:
     """The WAL file name (24 hex digits) pgcopydb names the CDC files of a position by."""
     cdc = workdir / "cdc"
@@ -203,8 +290,6 @@ def apply_start(s: StepSettings) -> int:
     (it overrides the sentinel's replay_lsn), or the sentinel's replay_lsn when
     it is earlier. 0 when neither is known."""
     from steps.engines.pgcopydb_follow import sentinel
-    from steps.pg import lsn, origin_progress
-
     positions = []
     replay = lsn(sentinel.row(s.workdir())[2])
     if replay:
@@ -270,8 +355,6 @@ def rewrite_sql_files(s: StepSettings) -> list[str]:
                                 "again (it resumes)")
             raise StepError(f"follow: cannot rewrite {name}.sql from {src.name} for the resume: "
                             f"{pgcopydb.last_error(proc.stderr)}; keep the work volume and run follow again")
-    from steps.pg import fmt_lsn
-
     return [f"rewrote {len(sources)} SQL file(s) from the JSON, from the apply's resume position {fmt_lsn(start)} "
             f"on ({', '.join(sorted(sources)) or 'none'}; {removed} stale SQL file(s) replaced)"]
 
@@ -398,12 +481,23 @@ def prepare_resume(s: StepSettings) -> bool:
         restart_copy(s, f"the initial copy in {workdir} had finished, but replication slot {s.slot_name!r} "
                         "is gone from the source (cleanup ran?), and with it the changes since the copy")
         return False
-    fixes = (remove_pidfiles(workdir) + repair_cdc_files(workdir) + promote_partial_files(workdir)
-             + cut_open_transaction(workdir) + rewrite_sql_files(s) + remove_invalid_txn_metadata(workdir)
-             + repair_catalog(workdir))
+    if died_unseen(workdir):
+        restart_copy(s, f"the initial copy in {workdir} had finished, but the earlier pgcopydb was killed without "
+                        "stopping (SIGKILL, out of memory, a lost node: the follow step never saw it exit), and "
+                        "pgcopydb 0.17 cannot resume exactly after that")
+        return False
+    fixes = remove_pidfiles(workdir) + repair_cdc_files(workdir) + promote_partial_files(workdir)
     for line in fixes:
         log(f"follow: repair: {line}")
-    if not fixes:
+    lost = confirmed_beyond_volume(s)
+    if lost:
+        restart_copy(s, f"the initial copy in {workdir} had finished, but {lost}")
+        return False
+    more = (cut_open_transaction(workdir) + rewrite_sql_files(s) + remove_invalid_txn_metadata(workdir)
+            + repair_catalog(workdir))
+    for line in more:
+        log(f"follow: repair: {line}")
+    if not fixes + more:
         log("follow: repair: nothing to repair (the earlier run stopped cleanly)")
     return True
 
