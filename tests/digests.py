@@ -30,3 +30,16 @@ def sequences(uri: str, schema: str = workload.SCHEMA) -> dict[str, int]:
 def sequences_not_behind(source: str, target: str, schema: str = workload.SCHEMA) -> bool:
     src, tgt = sequences(source, schema), sequences(target, schema)
     return bool(src) and all(tgt.get(k, -1) >= v for k, v in src.items())
+
+
+def row_differences(source: str, target: str, table: str, schema: str = workload.SCHEMA,
+                    limit: int = 5) -> str:
+    """For a failure message: a few rows only on one side (whole row text), so a
+    lost or undone change can be found in the change files by its values."""
+    def rows(uri: str) -> set[str]:
+        with psycopg.connect(uri) as conn:
+            return {r[0] for r in conn.execute(sql.SQL("SELECT t::text FROM ONLY {} t").format(
+                sql.Identifier(schema, table)))}
+    src, tgt = rows(source), rows(target)
+    only_src, only_tgt = sorted(src - tgt)[:limit], sorted(tgt - src)[:limit]
+    return f"{table}: only on the source {only_src}, only on the target {only_tgt}"

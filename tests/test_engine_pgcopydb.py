@@ -97,6 +97,25 @@ def test_durable_position_is_the_highest_whole_message_in_the_latest_files(tmp_p
     assert durable_position(tmp_path) == 0x3000400
 
 
+def test_the_origin_is_trusted_only_at_the_last_commit_carrying_it():
+    """repair.trusted_origin on pg_walinspect's Transaction records (PostgreSQL 17's
+    xactdesc format): an ABORT that moved the origin to its own setup is caught;
+    one that carried the previous, committed setup is harmless; other origins,
+    and no COMMIT at all, do not vouch."""
+    from steps.engines.pgcopydb_follow.repair import trusted_origin
+
+    commit = ("COMMIT", "2026-12-01 16:10:36.9 UTC; origin: node 1, lsn 0/2B75470, at 2026-12-01 16:10:36.9 UTC")
+    stale_abort = ("ABORT", "2026-12-01 16:10:38.3 UTC; origin: node 1, lsn 0/2B75470, at 2026-12-01 16:10:36.9 UTC")
+    cut_abort = ("ABORT", "2026-12-01 16:10:38.3 UTC; origin: node 1, lsn 0/2B755B0, at 2026-12-01 16:10:36.9 UTC")
+    other = ("COMMIT", "2026-12-01 16:10:37.0 UTC; origin: node 2, lsn 0/2B755B0, at 2026-12-01 16:10:37.0 UTC")
+    plain = ("COMMIT", "2026-12-01 16:10:37.1 UTC")
+    assert trusted_origin(1, "0/2B75470", [commit])
+    assert trusted_origin(1, "0/2B75470", [commit, plain, stale_abort])
+    assert not trusted_origin(1, "0/2B755B0", [commit, cut_abort])
+    assert not trusted_origin(1, "0/2B755B0", [commit, other, cut_abort])
+    assert not trusted_origin(1, "0/2B75470", [plain, stale_abort])
+
+
 def test_an_end_is_stale_once_writes_were_restored_after_it():
     from steps.engines.pgcopydb_follow.follow import stale_end
 

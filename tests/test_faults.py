@@ -31,7 +31,7 @@ from steps.errors import StepError
 from steps.pg import lsn
 from steps.settings import load_settings
 from tests.conftest import DB_UPGRADE, step_env, tmpfs_volume
-from tests.digests import table_digests
+from tests.digests import row_differences, table_digests
 
 pytestmark = pytest.mark.slow
 
@@ -269,7 +269,8 @@ class Run:
             # Never silent: the gate must name every table the independent digest sees differ.
             assert isinstance(report, Exception), f"verify passed but source != target: {diff}"
             assert all(f"shop.{quote_ident(t)}" in str(report) for t in diff), (diff, str(report))
-        assert not diff, f"source != target after the run (verify caught it: {report}): {diff}"
+        assert not diff, (f"source != target after the run (verify caught it: {report}): {diff}; "
+                          + "; ".join(row_differences(self.src_db, self.tgt_db, t) for t in diff))
         assert not isinstance(report, Exception), report
         assert report.ok
         return report
@@ -647,7 +648,10 @@ def test_replication_connection_lost_while_apply_behind(pair, dbs, tmp_path):
     behind its receiver. pgcopydb 0.17 would reconnect in-process and stream
     again from the slot into a live apply that is past that point (measured in
     the 5 GB bench: "duplicate key" after a walsender timeout); follow stops it
-    and resumes from the target's replication origin instead. Exact."""
+    and resumes from the target's replication origin instead, or, when the
+    origin was last moved by a transaction pgcopydb's pipelined apply left cut
+    short (here it may be: the lock holds the apply up), starts the copy over
+    (repair.origin_advanced_by_abort). Exact either way."""
     with Run(pair, dbs, tmp_path, "fault_reconnect") as r:
         r.start_caught_up(rate=150, threads=3)
         # Live replay (receiver streaming into the apply): in catch-up mode a held-up
@@ -674,5 +678,11 @@ def test_replication_connection_lost_while_apply_behind(pair, dbs, tmp_path):
         wait_log(r, "resuming after the lost replication connection")
         assert r.follow.poll() is None, r.follow_log()[-3000:]
         report = r.cut_over()
-        print(f"\nfault 4b: walsender ended with the apply behind; follow stopped pgcopydb and resumed in-process; "
+        log = r.follow_log()
+        aborted = "by a rolled-back transaction" in log
+        assert aborted == (RESTARTED in log), log[-3000:]
+        assert aborted or "is the COMMIT of an applied transaction" in log, log[-3000:]
+        print(f"\nfault 4b: walsender ended with the apply behind; follow stopped pgcopydb and "
+              f"{'started the copy over (the origin was past a rolled-back transaction)' if aborted else 'resumed'}"
+              f"{' (its apply session outlived it)' if 'outlived pgcopydb' in log else ''}; "
               f"{sum(t.source_rows for t in report.tables)} rows exact")

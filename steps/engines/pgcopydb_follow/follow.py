@@ -187,11 +187,11 @@ def _follow(s: StepSettings, workdir) -> None:
             n = empty_dir(workdir)
             log(f"follow: {workdir} holds pgcopydb files from another run (this run never started follow); "
                 f"removed them ({n} entries) for a fresh copy")
-    if not resume:
-        from steps.engines.pgcopydb_follow import drain
-
-        drain.prepare_source(s)  # the heartbeat table, before the snapshot
     for attempt in range(RECONNECT_RESUMES + 1):
+        if not resume:
+            from steps.engines.pgcopydb_follow import drain
+
+            drain.prepare_source(s)  # the heartbeat table, before the snapshot
         outcome = _run_pgcopydb(s, workdir, resume)
         if outcome != "reconnect":
             return
@@ -278,8 +278,11 @@ def _run_pgcopydb(s: StepSettings, workdir, resume: bool) -> str:
                 log("follow: the initial copy is done; pgcopydb applies the changes made since")
     finally:
         run.__exit__(None, None, None)
-        repair.mark_exited(workdir)
         done.set()
+        outlived = repair.end_outliving_apply(s)
+        if outlived:
+            log(f"follow: pgcopydb's apply on the target outlived pgcopydb: {outlived}")
+        repair.mark_exited(workdir)
     rc, last_error, disk_full = run.rc, run.first_error, run.disk_full
     sen = sentinel.read(s)
     if loop.stuck or (loop.reached_endpos and sen is not None and not sen.endpos_reached

@@ -47,6 +47,9 @@ import sqlite3
 import time
 from pathlib import Path
 
+import psycopg
+from psycopg import sql
+
 from steps import pgcopydb, state, target
 from steps.errors import StepError
 from steps.log import log
@@ -67,6 +70,124 @@ def mark_running(workdir: Path) -> None:
 
 def mark_exited(workdir: Path) -> None:
     (workdir / RUNNING_MARK).unlink(missing_ok=True)  # an unlink needs no space on a full volume
+
+
+OUTLIVED_GRACE = 0.5  # an idle backend ends within milliseconds of its client
+OUTLIVED_WAIT = 10.0
+
+
+def end_outliving_apply(s: StepSettings) -> str | None:
+    """After pgcopydb exited: wait for its apply's target sessions to end (ending
+    them after OUTLIVED_WAIT), so that nothing of the dead run still applies
+    while this step repairs and resumes. What was seen, or None.
+
+    pgcopydb 0.17 pipelines its apply (ld_apply.c: a pipeline sync at most once
+    a second): the target backend may hold statements it received but had not
+    run when pgcopydb died (measured: held up by a lock, it ran them after
+    pgcopydb was gone, and the replication origin moved on during the repair).
+    The last of them is a transaction cut short; what its abort does to the
+    origin is origin_advanced_by_abort's question."""
+    query = ("SELECT pid, state, wait_event_type FROM pg_stat_activity WHERE datname = current_database() "
+             "AND application_name LIKE 'pgcopydb[%%' AND pid <> pg_backend_pid()")
+    try:
+        with connect(s.target(), "target") as tgt:
+            deadline = time.monotonic() + OUTLIVED_WAIT
+            time.sleep(OUTLIVED_GRACE)
+            rows = tgt.execute(query).fetchall()
+            if not rows:
+                return None
+            sessions = ", ".join(f"pid {pid} {state} (waiting: {wait or 'no'})" for pid, state, wait in rows)
+            seen = f"{len(rows)} session(s) still there {OUTLIVED_GRACE}s after it: {sessions}"
+            while rows and time.monotonic() < deadline:
+                time.sleep(0.2)
+                rows = tgt.execute(query).fetchall()
+            for (pid, *_rest) in rows:
+                tgt.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            return seen + (f"; ended {len(rows)} after {OUTLIVED_WAIT:.0f}s" if rows else "; all ended by themselves")
+    except (StepError, psycopg.Error):
+        return None  # a target that cannot be reached has no sessions of the dead run left
+
+
+WALINSPECT_WINDOWS = (1 << 20, 1 << 16)  # bytes of WAL before the origin's last move to look through
+_ORIGIN_LSN = re.compile(r"origin: node (\d+), lsn ([0-9A-F]+/[0-9A-F]+)")
+
+
+def trusted_origin(roident: int, remote: str, records: list[tuple[str, str]]) -> bool:
+    """Is the origin's position the COMMIT of an applied transaction? `records`:
+    (record_type, description) of the target's Transaction WAL records before
+    the origin's last move, oldest first. The last COMMIT carrying our origin
+    must carry that position; an ABORT after it does not count (pure, tested)."""
+    for record_type, description in reversed(records):
+        m = _ORIGIN_LSN.search(description or "")
+        if m and int(m[1]) == roident and record_type.startswith("COMMIT"):
+            return m[2] == remote
+    return False
+
+
+def origin_advanced_by_abort(s: StepSettings) -> str | None:
+    """Why the target's replication origin cannot be trusted, or None.
+
+    Since PostgreSQL 15 an aborted transaction also moves the replication origin,
+    to what pg_replication_origin_xact_setup set in it (xact.c:
+    RecordTransactionAbort). pgcopydb 0.17 sends that setup before its COMMIT;
+    a transaction cut short between the two (pgcopydb stopped or killed with its
+    pipeline in flight, see end_outliving_apply) is rolled back with the origin
+    at its COMMIT LSN, and a resume skips it: measured, 2 runs in 12 of
+    tests/test_faults.py::test_replication_connection_lost_while_apply_behind
+    lost the row of the transaction the origin pointed at. So the target's WAL
+    before the origin's last move (its local_lsn) is read with pg_walinspect:
+    the origin is trusted when the last COMMIT with this origin carries its
+    position (an abort with the previous, committed setup moves nothing), or
+    when pgcopydb's sentinel says it reached that position as its end."""
+    from steps.engines.pgcopydb_follow import sentinel
+
+    with connect(s.target(), "target") as tgt:
+        row = tgt.execute("SELECT o.roident, s.remote_lsn::text, s.local_lsn::text FROM pg_replication_origin_status s "
+                          "JOIN pg_replication_origin o ON o.roident = s.local_id WHERE o.roname = %s",
+                          (s.slot_name,)).fetchone()
+        if row is None or not lsn(row[2]):
+            return None  # no transaction has moved it: nothing applied to doubt
+        roident, remote, local = row
+        sen = sentinel.read(s, strict=False)
+        if sen is not None and sen.endpos and sen.endpos == lsn(remote):
+            return None  # moved to the end by follow, once pgcopydb had replayed up to it
+        created, records, error = False, None, None
+        try:
+            have = tgt.execute("SELECT extnamespace::regnamespace::text FROM pg_extension "
+                               "WHERE extname = 'pg_walinspect'").fetchone()
+            if have is None:
+                tgt.execute("CREATE EXTENSION pg_walinspect SCHEMA db_upgrade")
+                created = True
+            fn = sql.SQL("SELECT record_type, description FROM {}.pg_get_wal_records_info("
+                         "greatest(%s::pg_lsn - %s, '0/1000000'::pg_lsn), %s::pg_lsn) "
+                         "WHERE resource_manager = 'Transaction' ORDER BY start_lsn").format(
+                sql.Identifier(have[0] if have else "db_upgrade"))
+            for window in WALINSPECT_WINDOWS:
+                try:
+                    with tgt.transaction():
+                        records = tgt.execute(fn, (local, window, local)).fetchall()
+                    break
+                except psycopg.Error as exc:
+                    error = exc
+        except psycopg.Error as exc:
+            error = exc
+        finally:
+            if created:
+                try:
+                    tgt.execute("DROP EXTENSION IF EXISTS pg_walinspect")
+                except psycopg.Error:
+                    pass
+    if records is None:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return (f"which transaction last moved the target's replication origin (to {remote}) cannot be read with "
+                f"pg_walinspect ({first}); with a superuser on the target the resume can be checked")
+    if trusted_origin(roident, remote, records):
+        log(f"follow: repair: the target's replication origin ({remote}) is the COMMIT of an applied transaction "
+            f"(target WAL up to {local})")
+        return None
+    return (f"the target's replication origin was last moved to {remote} by a rolled-back transaction (target WAL "
+            f"up to {local} holds no COMMIT at that position: pgcopydb 0.17 was stopped between its origin setup "
+            "and its COMMIT), so the transaction it points at is not on the target")
 
 
 def died_unseen(workdir: Path) -> bool:
@@ -485,6 +606,10 @@ def prepare_resume(s: StepSettings) -> bool:
         restart_copy(s, f"the initial copy in {workdir} had finished, but the earlier pgcopydb was killed without "
                         "stopping (SIGKILL, out of memory, a lost node: the follow step never saw it exit), and "
                         "pgcopydb 0.17 cannot resume exactly after that")
+        return False
+    aborted = origin_advanced_by_abort(s)
+    if aborted:
+        restart_copy(s, f"the initial copy in {workdir} had finished, but {aborted}")
         return False
     fixes = remove_pidfiles(workdir) + repair_cdc_files(workdir) + promote_partial_files(workdir)
     for line in fixes:
