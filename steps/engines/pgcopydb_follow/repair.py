@@ -21,7 +21,8 @@ table, index, constraint and the post-data section are done.
 - Copy finished (apply on), and pgcopydb was seen to stop (see died_unseen): changes
   are applied through a replication origin that advances in the same
   transaction as each applied change, so a resume can be exact, unless the
-  source was told of changes the volume never got (confirmed_beyond_volume), and
+  source was told of changes the volume never got (confirmed_beyond_volume) or
+  a rolled-back transaction moved the origin (origin_advanced_by_abort), and
   once the dir is repaired (each measured to lose, duplicate or fail
   without it; see each function): pidfiles removed, a torn last JSON line cut,
   a `.partial` JSON promoted over its older `.json` (or dropped if it is a cut
