@@ -143,12 +143,14 @@ def origin_advanced_by_abort(s: StepSettings) -> str | None:
     from steps.engines.pgcopydb_follow import sentinel
 
     with connect(s.target(), "target") as tgt:
-        row = tgt.execute("SELECT o.roident, s.remote_lsn::text, s.local_lsn::text FROM pg_replication_origin_status s "
-                          "JOIN pg_replication_origin o ON o.roident = s.local_id WHERE o.roname = %s",
-                          (s.slot_name,)).fetchone()
-        if row is None or not lsn(row[2]):
-            return None  # no transaction has moved it: nothing applied to doubt
-        roident, remote, local = row
+        row = tgt.execute("SELECT o.roident, s.remote_lsn::text, s.local_lsn::text, pg_current_wal_lsn()::text "
+                          "FROM pg_replication_origin_status s JOIN pg_replication_origin o ON o.roident = s.local_id "
+                          "WHERE o.roname = %s", (s.slot_name,)).fetchone()
+        if row is None or not lsn(row[1]):
+            return None  # nothing applied through it to doubt
+        roident, remote, local, current = row
+        if not lsn(local):
+            local = current  # a restarted target keeps remote_lsn only: look back from the end of its WAL
         sen = sentinel.read(s, strict=False)
         if sen is not None and sen.endpos and sen.endpos == lsn(remote):
             return None  # moved to the end by follow, once pgcopydb had replayed up to it
