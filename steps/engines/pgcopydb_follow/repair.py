@@ -113,16 +113,20 @@ WALINSPECT_WINDOWS = (1 << 20, 1 << 16)  # bytes of WAL before the origin's last
 _ORIGIN_LSN = re.compile(r"origin: node (\d+), lsn ([0-9A-F]+/[0-9A-F]+)")
 
 
-def trusted_origin(roident: int, remote: str, records: list[tuple[str, str]]) -> bool:
-    """Is the origin's position the COMMIT of an applied transaction? `records`:
-    (record_type, description) of the target's Transaction WAL records before
-    the origin's last move, oldest first. The last COMMIT carrying our origin
-    must carry that position; an ABORT after it does not count (pure, tested)."""
+def last_commit_position(roident: int, records: list[tuple[str, str]]) -> str | None:
+    """The origin position carried by the last COMMIT of our origin in `records`
+    ((record_type, description) of the target's Transaction WAL records, oldest
+    first); an ABORT after it does not count. None if there is none (pure, tested)."""
     for record_type, description in reversed(records):
         m = _ORIGIN_LSN.search(description or "")
         if m and int(m[1]) == roident and record_type.startswith("COMMIT"):
-            return m[2] == remote
-    return False
+            return m[2]
+    return None
+
+
+def trusted_origin(roident: int, remote: str, records: list[tuple[str, str]]) -> bool:
+    """Is the origin's position the COMMIT of an applied transaction?"""
+    return last_commit_position(roident, records) == remote
 
 
 def origin_advanced_by_abort(s: StepSettings) -> str | None:
@@ -148,9 +152,15 @@ def origin_advanced_by_abort(s: StepSettings) -> str | None:
                           "WHERE o.roname = %s", (s.slot_name,)).fetchone()
         if row is None or not lsn(row[1]):
             return None  # nothing applied through it to doubt
-        roident, remote, local, current = row
+        roident, remote, local, _current = row
         if not lsn(local):
-            local = current  # a restarted target keeps remote_lsn only: look back from the end of its WAL
+            # No transaction moved it since the target started (a restarted target keeps only
+            # remote_lsn), or none at all yet: there is no record to read. Measured: reading back
+            # from the end of the WAL instead finds no COMMIT at remote_lsn in the common cases
+            # (a stop right after the copy, a SIGTERM after catch-up) and would restart every copy.
+            log(f"follow: repair: the target's replication origin ({remote}) has no local position (nothing "
+                "moved it since the target started): taken as it is")
+            return None
         sen = sentinel.read(s, strict=False)
         if sen is not None and sen.endpos and sen.endpos == lsn(remote):
             return None  # moved to the end by follow, once pgcopydb had replayed up to it
@@ -188,9 +198,11 @@ def origin_advanced_by_abort(s: StepSettings) -> str | None:
         log(f"follow: repair: the target's replication origin ({remote}) is the COMMIT of an applied transaction "
             f"(target WAL up to {local})")
         return None
+    last = last_commit_position(roident, records)
     return (f"the target's replication origin was last moved to {remote} by a rolled-back transaction (target WAL "
-            f"up to {local} holds no COMMIT at that position: pgcopydb 0.17 was stopped between its origin setup "
-            "and its COMMIT), so the transaction it points at is not on the target")
+            f"up to {local}, {len(records)} transaction records read, holds no COMMIT at that position; the last "
+            f"COMMIT through it carries {last or 'none'}: pgcopydb 0.17 was stopped between its origin setup and "
+            "its COMMIT), so the transaction it points at is not on the target")
 
 
 def died_unseen(workdir: Path) -> bool:
