@@ -147,12 +147,12 @@ def origin_advanced_by_abort(s: StepSettings) -> str | None:
     from steps.engines.pgcopydb_follow import sentinel
 
     with connect(s.target(), "target") as tgt:
-        row = tgt.execute("SELECT o.roident, s.remote_lsn::text, s.local_lsn::text, pg_current_wal_lsn()::text "
+        row = tgt.execute("SELECT o.roident, s.remote_lsn::text, s.local_lsn::text "
                           "FROM pg_replication_origin_status s JOIN pg_replication_origin o ON o.roident = s.local_id "
                           "WHERE o.roname = %s", (s.slot_name,)).fetchone()
         if row is None or not lsn(row[1]):
             return None  # nothing applied through it to doubt
-        roident, remote, local, _current = row
+        roident, remote, local = row
         if not lsn(local):
             # No transaction moved it since the target started (a restarted target keeps only
             # remote_lsn), or none at all yet: there is no record to read. Measured: reading back
